@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install what the daemon and its tests need from Debian's packages (run as root).
+#   bubblewrap      the default sandbox
+#   prometheus      promtool and the server, for the monitoring checks and end-to-end test
+#   ruby php-cli lua5.4 golang-go   toolchains for the shipped runtimes (python3, node, bash,
+#                   perl, gcc, g++ and java are on the base image; missing ones are reported
+#                   as unavailable, and their tests are skipped with a message)
+# Pass --minimal to install only bubblewrap (enough to start the daemon).
+set -euo pipefail
+
+packages=(bubblewrap)
+if [[ "${1:-}" != "--minimal" ]]; then
+  packages+=(prometheus ruby php-cli lua5.4 golang-go python3 bash perl gcc g++)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+  exit 0
+fi
+if [[ $(id -u) -ne 0 ]]; then
+  echo "missing packages: ${missing[*]}; run this script as root (or: sudo apt-get install ${missing[*]})" >&2
+  exit 1
+fi
+echo "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

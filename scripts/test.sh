@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The one command that runs every test: installs missing packages, then the Rust test suite
+# (unit, HTTP, sandbox attacks, metrics end to end) and the monitoring/ checks.
+# Run as root: the sandbox gives each slot its own uid, cgroup and tmpfs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-4}"
+monitoring/check.sh

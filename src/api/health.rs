@@ -1,0 +1,157 @@
+//! `GET /health` (liveness, never runs code) and `GET /ready` (can we serve submissions?).
+
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi};
+
+use super::{ApiTags, AppState};
+
+/// Liveness and what this daemon enforces.
+#[derive(Debug, Object)]
+#[oai(example)]
+pub struct Health {
+    /// Always `ok` when the daemon answers.
+    pub status: String,
+    pub version: String,
+    /// The default sandbox backend: `bwrap` or `process`.
+    pub backend: String,
+    /// False when submissions run without isolation (the `process` backend).
+    pub isolation: bool,
+    /// How memory is limited: a memory cgroup, or RLIMIT_AS as a fallback.
+    pub memory_enforcement: String,
+    /// Whether each slot runs as its own unprivileged uid.
+    pub per_slot_uid: bool,
+    /// Whether the work dir and /tmp are a size-limited tmpfs.
+    pub workdir_size_enforced: bool,
+    /// Things an operator should fix; empty on a well set-up host.
+    pub warnings: Vec<String>,
+}
+
+impl poem_openapi::types::Example for Health {
+    fn example() -> Self {
+        Health {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            backend: "bwrap".into(),
+            isolation: true,
+            memory_enforcement: "memory cgroup (v2)".into(),
+            per_slot_uid: true,
+            workdir_size_enforced: true,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// Readiness: capacity, load and the state of the runtimes file.
+#[derive(Debug, Object)]
+#[oai(example)]
+pub struct Readiness {
+    /// True when the default runtime can run.
+    pub ready: bool,
+    /// Executions that can run at once.
+    pub slots: u64,
+    pub running: u64,
+    /// Submissions waiting for a slot, and how many may wait.
+    pub waiting: u64,
+    pub queue_capacity: u64,
+    pub runtimes_total: u64,
+    pub runtimes_available: u64,
+    /// The error of the latest runtimes.toml reload if it failed (the previous
+    /// definitions stay active); absent when it succeeded.
+    pub last_reload_error: Option<String>,
+}
+
+impl poem_openapi::types::Example for Readiness {
+    fn example() -> Self {
+        Readiness {
+            ready: true,
+            slots: 2,
+            running: 1,
+            waiting: 0,
+            queue_capacity: 64,
+            runtimes_total: 12,
+            runtimes_available: 12,
+            last_reload_error: None,
+        }
+    }
+}
+
+#[derive(ApiResponse)]
+pub enum ReadyResponse {
+    /// Ready to run submissions.
+    #[oai(status = 200)]
+    Ready(Json<Readiness>),
+    /// Not ready: the default runtime is unavailable.
+    #[oai(status = 503)]
+    NotReady(Json<Readiness>),
+}
+
+pub struct HealthApi;
+
+#[OpenApi]
+impl HealthApi {
+    /// Liveness
+    ///
+    /// Answers at once without running code, and says which isolation is in force.
+    #[oai(path = "/health", method = "get", tag = "ApiTags::Operations")]
+    async fn health(&self, state: poem::web::Data<&AppState>) -> Json<Health> {
+        let info = state.executor.info();
+        let mut warnings = Vec::new();
+        if !info.isolated() {
+            warnings
+                .push("isolation is OFF: the process backend runs submissions unsandboxed".into());
+        }
+        if !info.per_slot_uid {
+            warnings.push(
+                "the daemon is not root: sandboxes share its uid and RLIMIT_NPROC is not applied"
+                    .into(),
+            );
+        }
+        if !info.sized_workdir {
+            warnings
+                .push("the work dir is not a sized tmpfs: its total size is not limited".into());
+        }
+        if let crate::execution::MemoryEnforcement::AddressSpace { reason } = &info.memory {
+            warnings.push(format!("memory is limited by RLIMIT_AS only ({reason})"));
+        }
+        Json(Health {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            backend: info.backend.as_str().into(),
+            isolation: info.isolated(),
+            memory_enforcement: info.memory.describe(),
+            per_slot_uid: info.per_slot_uid,
+            workdir_size_enforced: info.sized_workdir,
+            warnings,
+        })
+    }
+
+    /// Readiness
+    ///
+    /// 200 when submissions can run, 503 when the default runtime is unavailable. Also shows
+    /// load and whether the latest runtimes.toml reload failed.
+    #[oai(path = "/ready", method = "get", tag = "ApiTags::Operations")]
+    async fn ready(&self, state: poem::web::Data<&AppState>) -> ReadyResponse {
+        let set = state.runtimes.snapshot();
+        let info = state.executor.info();
+        let ready = set.resolve(None, None).is_ok();
+        let body = Readiness {
+            ready,
+            slots: info.slots as u64,
+            running: state.executor.running() as u64,
+            waiting: state.executor.waiting() as u64,
+            queue_capacity: info.queue as u64,
+            runtimes_total: set.runtimes.len() as u64,
+            runtimes_available: set
+                .runtimes
+                .iter()
+                .filter(|r| r.availability.available)
+                .count() as u64,
+            last_reload_error: state.reloader.status().last_error,
+        };
+        if ready {
+            ReadyResponse::Ready(Json(body))
+        } else {
+            ReadyResponse::NotReady(Json(body))
+        }
+    }
+}

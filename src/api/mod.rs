@@ -1,0 +1,211 @@
+//! The HTTP surface: poem-openapi operations per tag, Swagger UI, the spec, `/metrics`, and
+//! the middleware that turns every error into a `{"code", "message"}` JSON body.
+
+pub mod body_limit;
+pub mod errors;
+pub mod health;
+pub mod submit;
+pub mod v1;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use poem::http::StatusCode;
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, get, handler};
+use poem_openapi::{OpenApiService, Tags};
+
+use crate::config::Settings;
+use crate::execution::{ExecutionReport, ExecutionRequest, Executor};
+use crate::metrics::{Metrics, RejectReason};
+use crate::runtimes::RuntimeRegistry;
+use crate::runtimes::reload::Reloader;
+use body_limit::{BodyLimit, json_error};
+use errors::ApiError;
+
+#[derive(Tags)]
+pub(crate) enum ApiTags {
+    /// Run code.
+    Execution,
+    /// The runtimes this server offers.
+    Runtimes,
+    /// Liveness and readiness.
+    Operations,
+}
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub executor: Arc<Executor>,
+    pub runtimes: RuntimeRegistry,
+    pub reloader: Reloader,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Identifies one request in logs and in the `X-Request-Id` response header.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+impl AppState {
+    /// Run a submission and log one line about it.
+    pub(crate) async fn run(
+        &self,
+        request_id: &RequestId,
+        request: ExecutionRequest,
+    ) -> Result<ExecutionReport, ApiError> {
+        let started = Instant::now();
+        let runtime = request.runtime.name.clone();
+        let result = self.executor.execute(request).await;
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match &result {
+            Ok(report) => {
+                let stage = report.final_stage();
+                tracing::info!(
+                    request_id = %request_id.0,
+                    runtime = %runtime,
+                    outcome = report.status().as_str(),
+                    exit_code = stage.and_then(|s| s.exit_code),
+                    signal = stage.and_then(|s| s.signal),
+                    duration_ms = format_args!("{elapsed_ms:.1}"),
+                    "submission finished"
+                );
+            }
+            Err(e) => tracing::warn!(
+                request_id = %request_id.0,
+                runtime = %runtime,
+                outcome = "rejected",
+                error = %e,
+                duration_ms = format_args!("{elapsed_ms:.1}"),
+                "submission not run"
+            ),
+        }
+        result.map_err(ApiError::from)
+    }
+}
+
+/// The OpenAPI service: the single source of the spec, the routes and Swagger UI.
+pub fn openapi_service() -> OpenApiService<
+    (
+        submit::SubmitApi,
+        v1::ExecuteApi,
+        v1::RuntimesApi,
+        health::HealthApi,
+    ),
+    (),
+> {
+    OpenApiService::new(
+        (
+            submit::SubmitApi,
+            v1::ExecuteApi,
+            v1::RuntimesApi,
+            health::HealthApi,
+        ),
+        "mixed-docker-executor",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .summary("Run untrusted code in a sandbox")
+    .description(
+        "Runs code submissions in a bubblewrap sandbox under kernel-enforced limits. \
+         `POST /submit_code` keeps the original service's contract; `POST /api/v1/execute` \
+         is the full form. Errors are JSON `{\"code\", \"message\"}` bodies. Prometheus \
+         metrics are at `GET /metrics` (outside this spec).",
+    )
+}
+
+/// The spec as pretty JSON, as committed under `openapi/`.
+pub fn spec_json() -> String {
+    openapi_service().spec()
+}
+
+/// Every route of the daemon.
+pub fn routes(state: AppState) -> impl Endpoint<Output = Response> {
+    let api = openapi_service();
+    let ui = api.swagger_ui();
+    let spec = api.spec_endpoint();
+    let max_body = state.settings.server.max_body_bytes;
+    let metrics = Arc::clone(&state.metrics);
+    Route::new()
+        .at("/openapi.json", spec)
+        .nest("/docs", ui)
+        .at("/metrics", get(metrics_endpoint))
+        .nest("/", api)
+        .with(BodyLimit(max_body))
+        .catch_all_error(|err: poem::Error| async move {
+            let status = err.status();
+            let code = match status {
+                StatusCode::NOT_FOUND => "not_found",
+                StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+                StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+                s if s.is_server_error() => "internal_error",
+                _ => "bad_request",
+            };
+            json_error(status, code, err.to_string())
+        })
+        .around(move |ep, req| count_rejections(ep, req, Arc::clone(&metrics)))
+        .around(with_request_id)
+        .data(state)
+}
+
+#[handler]
+async fn metrics_endpoint(state: poem::web::Data<&AppState>) -> Response {
+    match state
+        .metrics
+        .render(state.executor.running(), state.executor.waiting())
+    {
+        Ok(text) => text
+            .with_content_type("text/plain; version=0.0.4; charset=utf-8")
+            .into_response(),
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e),
+    }
+}
+
+static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+async fn with_request_id<E: Endpoint>(ep: Arc<E>, mut req: Request) -> poem::Result<Response> {
+    let id = req
+        .header("x-request-id")
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            let n = REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed);
+            format!("{:08x}-{n:06x}", std::process::id())
+        });
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut resp = ep.call(req).await?.into_response();
+    if let Ok(value) = id.parse() {
+        resp.headers_mut().insert("x-request-id", value);
+    }
+    Ok(resp)
+}
+
+/// Count every submission turned away before execution, by the error code in its body.
+async fn count_rejections<E: Endpoint>(
+    ep: Arc<E>,
+    req: Request,
+    metrics: Arc<Metrics>,
+) -> poem::Result<Response> {
+    let is_submission = req.method() == poem::http::Method::POST
+        && matches!(req.uri().path(), "/submit_code" | "/api/v1/execute");
+    let mut resp = ep.call(req).await?.into_response();
+    if !is_submission || !resp.status().is_client_error() {
+        return Ok(resp);
+    }
+    let body = resp.take_body().into_bytes().await.unwrap_or_default();
+    let code = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("code").and_then(|c| c.as_str()).map(str::to_string))
+        .unwrap_or_default();
+    let reason = match code.as_str() {
+        "payload_too_large" => RejectReason::PayloadTooLarge,
+        "unknown_runtime" | "version_mismatch" => RejectReason::UnknownRuntime,
+        "runtime_unavailable" => RejectReason::RuntimeUnavailable,
+        "limit_exceeded" => RejectReason::LimitExceeded,
+        "busy" => RejectReason::Busy,
+        "unauthorized" => RejectReason::Unauthorized,
+        _ => RejectReason::BadRequest,
+    };
+    metrics.rejected(reason);
+    resp.set_body(body);
+    Ok(resp)
+}

@@ -1,0 +1,517 @@
+//! `/api/v1`: the full execution API and the runtime list. Thin mappings over the core's
+//! request and report types.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
+
+use super::errors::{ApiError, ErrorBody, error_variants};
+use super::{ApiTags, AppState, RequestId};
+use crate::execution::{
+    ExecutionReport, ExecutionRequest, Limits, LimitsOverride, SourceFile, StageReport,
+    StageStatus, validate_file_name,
+};
+use crate::runtimes::Runtime;
+
+const MAX_FILES: usize = 64;
+const MAX_ARGS: usize = 256;
+
+/// How a text field is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum Encoding {
+    /// Plain UTF-8 text.
+    Utf8,
+    /// Base64 (standard alphabet, padded) of arbitrary bytes.
+    Base64,
+}
+
+/// One source file.
+#[derive(Debug, Clone, Object)]
+pub struct FileInput {
+    /// Path relative to the work dir (`main.py`, `src/util.py`): no absolute paths, no `..`.
+    /// Defaults to the runtime's `file_name` for the first file.
+    pub name: Option<String>,
+    /// The file's content, encoded as `encoding` says.
+    pub content: String,
+    /// `utf8` (default) or `base64`.
+    pub encoding: Option<Encoding>,
+}
+
+/// Limits for this request. Each may lower the runtime's default or raise it up to the
+/// runtime's and server's maximum (see `GET /api/v1/runtimes`); asking for more is a 422.
+#[derive(Debug, Clone, Default, Object)]
+pub struct RequestLimits {
+    /// Wall-clock time of the run stage in milliseconds.
+    pub wall_time_ms: Option<u64>,
+    /// CPU time in milliseconds (enforced per process, in whole seconds).
+    pub cpu_time_ms: Option<u64>,
+    /// Memory in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Processes and threads.
+    pub processes: Option<u64>,
+    /// Largest file the program may write, in bytes.
+    pub file_size_bytes: Option<u64>,
+    /// Open file descriptors.
+    pub open_files: Option<u64>,
+    /// Bytes kept per output stream.
+    pub output_bytes: Option<u64>,
+    /// Size of the work dir plus /tmp, in bytes.
+    pub workdir_bytes: Option<u64>,
+}
+
+/// A program to run.
+#[derive(Debug, Object)]
+#[oai(example)]
+pub struct ExecuteRequest {
+    /// Runtime name or alias (`python3`, `py`, `c`...); the server's default when absent.
+    pub runtime: Option<String>,
+    /// Version selector: `3` or `3.11` matches 3.11.2; absent or `*` takes any.
+    pub version: Option<String>,
+    /// The source files; give either `files` or `code`.
+    pub files: Option<Vec<FileInput>>,
+    /// Shorthand for one file saved under the runtime's `file_name`.
+    pub code: Option<String>,
+    /// Name of the file the runtime runs (its `{file}`); the first file when absent.
+    pub entry: Option<String>,
+    /// Standard input for the run stage (UTF-8).
+    pub stdin: Option<String>,
+    /// Command-line arguments appended to the run command.
+    pub args: Option<Vec<String>>,
+    pub limits: Option<RequestLimits>,
+    /// When given, the response has a `verdict`: `accepted` if stdout equals this,
+    /// ignoring trailing whitespace on each line and trailing blank lines.
+    pub expected_output: Option<String>,
+}
+
+impl poem_openapi::types::Example for ExecuteRequest {
+    fn example() -> Self {
+        ExecuteRequest {
+            runtime: Some("python3".into()),
+            version: None,
+            files: Some(vec![FileInput {
+                name: Some("main.py".into()),
+                content:
+                    "import sys\nname = sys.stdin.readline().strip()\nprint(f\"Hello, {name}!\")\n"
+                        .into(),
+                encoding: None,
+            }]),
+            code: None,
+            entry: None,
+            stdin: Some("world\n".into()),
+            args: None,
+            limits: Some(RequestLimits {
+                wall_time_ms: Some(5000),
+                ..Default::default()
+            }),
+            expected_output: Some("Hello, world!".into()),
+        }
+    }
+}
+
+/// The outcome of a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum Status {
+    /// Exited with code 0.
+    Ok,
+    /// Exited non-zero or was killed by a signal (not a limit).
+    RuntimeError,
+    /// Ran out of wall-clock or CPU time (`limit` says which).
+    Timeout,
+    /// Ran out of memory.
+    MemoryLimit,
+    /// Wrote more than the output limit to a stream and was stopped.
+    OutputLimit,
+    /// The compile stage failed; there is no run stage.
+    CompileError,
+    /// The sandbox failed; not the program's fault (`message` says why).
+    InternalError,
+}
+
+impl From<StageStatus> for Status {
+    fn from(s: StageStatus) -> Self {
+        match s {
+            StageStatus::Ok => Status::Ok,
+            StageStatus::RuntimeError => Status::RuntimeError,
+            StageStatus::Timeout => Status::Timeout,
+            StageStatus::MemoryLimit => Status::MemoryLimit,
+            StageStatus::OutputLimit => Status::OutputLimit,
+            StageStatus::CompileError => Status::CompileError,
+            StageStatus::InternalError => Status::InternalError,
+        }
+    }
+}
+
+/// Whether the output matched `expected_output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum Verdict {
+    Accepted,
+    WrongAnswer,
+}
+
+/// The result of one stage.
+#[derive(Debug, Object)]
+pub struct StageResult {
+    pub status: Status,
+    /// stdout, as UTF-8 text or, when it is not valid UTF-8, base64 (see `stdout_encoding`).
+    pub stdout: String,
+    pub stdout_encoding: Encoding,
+    pub stdout_truncated: bool,
+    pub stderr: String,
+    pub stderr_encoding: Encoding,
+    pub stderr_truncated: bool,
+    /// The exit code; absent when a signal ended the process.
+    pub exit_code: Option<i32>,
+    /// The signal number that ended the process, if one did.
+    pub signal: Option<i32>,
+    /// The limit that ended the stage: `wall_time`, `cpu_time`, `memory`, `output` or
+    /// `file_size`.
+    pub limit: Option<String>,
+    pub wall_time_ms: u64,
+    /// CPU time (user + system) of the stage's processes.
+    pub cpu_time_ms: Option<u64>,
+    /// Peak memory of the stage (cgroup peak, or the largest process's RSS).
+    pub peak_memory_bytes: Option<u64>,
+    /// Detail for `internal_error`.
+    pub message: Option<String>,
+}
+
+/// The result of a submission.
+#[derive(Debug, Object)]
+#[oai(example)]
+pub struct ExecuteResponse {
+    /// The runtime that ran (its name, even when an alias was asked for).
+    pub runtime: String,
+    pub version: Option<String>,
+    /// The outcome of the submission: the run stage's, or the compile stage's when it failed.
+    pub status: Status,
+    /// Present when the runtime compiles.
+    pub compile: Option<StageResult>,
+    /// Absent when compiling failed.
+    pub run: Option<StageResult>,
+    /// Present when `expected_output` was given and the run stage ended `ok`.
+    pub verdict: Option<Verdict>,
+}
+
+impl poem_openapi::types::Example for ExecuteResponse {
+    fn example() -> Self {
+        ExecuteResponse {
+            runtime: "python3".into(),
+            version: Some("3.11.2".into()),
+            status: Status::Ok,
+            compile: None,
+            run: Some(StageResult {
+                status: Status::Ok,
+                stdout: "Hello, world!\n".into(),
+                stdout_encoding: Encoding::Utf8,
+                stdout_truncated: false,
+                stderr: String::new(),
+                stderr_encoding: Encoding::Utf8,
+                stderr_truncated: false,
+                exit_code: Some(0),
+                signal: None,
+                limit: None,
+                wall_time_ms: 24,
+                cpu_time_ms: Some(18),
+                peak_memory_bytes: Some(9_437_184),
+                message: None,
+            }),
+            verdict: Some(Verdict::Accepted),
+        }
+    }
+}
+
+// Built once per request and moved once: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "ExecuteResult::bad_request")]
+pub enum ExecuteResult {
+    /// The submission ran (whatever its outcome: see `status`).
+    #[oai(status = 200)]
+    Ok(Json<ExecuteResponse>),
+    /// The body is not valid JSON or has wrongly typed fields.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// The body is larger than `server.max_body_bytes`.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// Unknown or unavailable runtime, version mismatch, a limit above the maximum, or
+    /// invalid files (`code` says which).
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
+    /// Every slot is busy and the queue is full; retry after the given seconds.
+    #[oai(status = 429)]
+    Busy(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+    /// The daemon failed; not caused by the request.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+}
+
+error_variants!(ExecuteResult);
+
+pub struct ExecuteApi;
+
+#[OpenApi(prefix_path = "/api/v1")]
+impl ExecuteApi {
+    /// Run a program
+    ///
+    /// Runs one or more files with a runtime, optional stdin, args and limits. Compiled
+    /// runtimes get a `compile` stage first; the `run` stage is absent when compiling failed.
+    /// Output that is not valid UTF-8 comes back base64 with its encoding flag set.
+    #[oai(path = "/execute", method = "post", tag = "ApiTags::Execution")]
+    async fn execute(
+        &self,
+        state: poem::web::Data<&AppState>,
+        request_id: poem::web::Data<&RequestId>,
+        body: Json<ExecuteRequest>,
+    ) -> ExecuteResult {
+        let body = body.0;
+        let expected = body.expected_output.clone();
+        let request = match to_core_request(&state, body) {
+            Ok(r) => r,
+            Err(e) => return e.into(),
+        };
+        let runtime = request.runtime.clone();
+        match state.run(&request_id, request).await {
+            Ok(report) => ExecuteResult::Ok(Json(to_response(&runtime, &report, expected))),
+            Err(e) => e.into(),
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::Unprocessable(ErrorBody::new("invalid_request", message))
+}
+
+fn to_core_request(state: &AppState, body: ExecuteRequest) -> Result<ExecutionRequest, ApiError> {
+    let runtime = state
+        .runtimes
+        .snapshot()
+        .resolve(body.runtime.as_deref(), body.version.as_deref())?;
+    let inputs = match (body.files, body.code) {
+        (Some(_), Some(_)) => return Err(invalid("give either `files` or `code`, not both")),
+        (None, None) => return Err(invalid("give `files` or `code`")),
+        (None, Some(code)) => vec![FileInput {
+            name: None,
+            content: code,
+            encoding: None,
+        }],
+        (Some(files), None) => files,
+    };
+    if inputs.is_empty() || inputs.len() > MAX_FILES {
+        return Err(invalid(format!("`files` must hold 1 to {MAX_FILES} files")));
+    }
+    let mut files = Vec::with_capacity(inputs.len());
+    for (i, input) in inputs.into_iter().enumerate() {
+        let name = match input.name {
+            Some(n) => n,
+            None if i == 0 => runtime.file_name.clone(),
+            None => return Err(invalid(format!("files[{i}] needs a `name`"))),
+        };
+        validate_file_name(&name).map_err(|e| invalid(format!("files[{i}]: {e}")))?;
+        if files.iter().any(|f: &SourceFile| f.name == name) {
+            return Err(invalid(format!("files[{i}]: duplicate file name `{name}`")));
+        }
+        let content = match input.encoding.unwrap_or(Encoding::Utf8) {
+            Encoding::Utf8 => input.content.into_bytes(),
+            Encoding::Base64 => BASE64
+                .decode(input.content.as_bytes())
+                .map_err(|e| invalid(format!("files[{i}] (`{name}`): invalid base64: {e}")))?,
+        };
+        files.push(SourceFile { name, content });
+    }
+    let entry = match body.entry {
+        Some(entry) if files.iter().any(|f| f.name == entry) => entry,
+        Some(entry) => {
+            return Err(invalid(format!(
+                "`entry` names `{entry}`, which is not among the files"
+            )));
+        }
+        None => files[0].name.clone(),
+    };
+    let args = body.args.unwrap_or_default();
+    if args.len() > MAX_ARGS {
+        return Err(invalid(format!("at most {MAX_ARGS} `args`")));
+    }
+    if args.iter().any(|a| a.contains('\0')) {
+        return Err(invalid("`args` must not contain NUL characters"));
+    }
+    let asked = body.limits.map(to_override).unwrap_or_default();
+    let limits = runtime.limits.apply_request(&asked, &runtime.max_limits)?;
+    Ok(ExecutionRequest {
+        runtime,
+        files,
+        entry,
+        stdin: body.stdin.unwrap_or_default().into_bytes(),
+        args,
+        limits,
+    })
+}
+
+fn to_override(l: RequestLimits) -> LimitsOverride {
+    LimitsOverride {
+        wall_time_ms: l.wall_time_ms,
+        cpu_time_ms: l.cpu_time_ms,
+        memory_bytes: l.memory_bytes,
+        processes: l.processes,
+        file_size_bytes: l.file_size_bytes,
+        open_files: l.open_files,
+        output_bytes: l.output_bytes,
+        workdir_bytes: l.workdir_bytes,
+    }
+}
+
+fn encode(bytes: &[u8]) -> (String, Encoding) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => (text.to_string(), Encoding::Utf8),
+        Err(_) => (BASE64.encode(bytes), Encoding::Base64),
+    }
+}
+
+fn to_stage(stage: &StageReport) -> StageResult {
+    let (stdout, stdout_encoding) = encode(&stage.stdout);
+    let (stderr, stderr_encoding) = encode(&stage.stderr);
+    StageResult {
+        status: stage.status.into(),
+        stdout,
+        stdout_encoding,
+        stdout_truncated: stage.stdout_truncated,
+        stderr,
+        stderr_encoding,
+        stderr_truncated: stage.stderr_truncated,
+        exit_code: stage.exit_code,
+        signal: stage.signal,
+        limit: stage.limit.map(|l| l.as_str().to_string()),
+        wall_time_ms: stage.wall_time.as_millis() as u64,
+        cpu_time_ms: stage.cpu_time.map(|d| d.as_millis() as u64),
+        peak_memory_bytes: stage.peak_memory_bytes,
+        message: stage.message.clone(),
+    }
+}
+
+/// Lines with trailing whitespace removed, without trailing blank lines.
+fn normalized(text: &str) -> Vec<&str> {
+    let mut lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+    while lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    lines
+}
+
+fn to_response(
+    runtime: &Runtime,
+    report: &ExecutionReport,
+    expected: Option<String>,
+) -> ExecuteResponse {
+    let verdict = match (&report.run, expected) {
+        (Some(run), Some(expected)) if run.status == StageStatus::Ok => {
+            let actual = String::from_utf8_lossy(&run.stdout);
+            Some(if normalized(&actual) == normalized(&expected) {
+                Verdict::Accepted
+            } else {
+                Verdict::WrongAnswer
+            })
+        }
+        _ => None,
+    };
+    ExecuteResponse {
+        runtime: runtime.name.clone(),
+        version: runtime.version.clone(),
+        status: report.status().into(),
+        compile: report.compile.as_ref().map(to_stage),
+        run: report.run.as_ref().map(to_stage),
+        verdict,
+    }
+}
+
+/// A set of limits.
+#[derive(Debug, Object)]
+pub struct LimitsInfo {
+    pub wall_time_ms: u64,
+    pub cpu_time_ms: u64,
+    pub memory_bytes: u64,
+    pub processes: u64,
+    pub file_size_bytes: u64,
+    pub open_files: u64,
+    pub output_bytes: u64,
+    pub workdir_bytes: u64,
+}
+
+impl From<&Limits> for LimitsInfo {
+    fn from(l: &Limits) -> Self {
+        LimitsInfo {
+            wall_time_ms: l.wall_time_ms,
+            cpu_time_ms: l.cpu_time_ms,
+            memory_bytes: l.memory_bytes,
+            processes: l.processes,
+            file_size_bytes: l.file_size_bytes,
+            open_files: l.open_files,
+            output_bytes: l.output_bytes,
+            workdir_bytes: l.workdir_bytes,
+        }
+    }
+}
+
+/// A configured runtime.
+#[derive(Debug, Object)]
+pub struct RuntimeInfo {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub language: String,
+    /// Detected from the interpreter or declared in runtimes.toml.
+    pub version: Option<String>,
+    /// True for the runtime used when a request names none.
+    pub default: bool,
+    /// True when the runtime has a compile stage.
+    pub compiled: bool,
+    /// The name a single submitted file is saved as.
+    pub file_name: String,
+    pub available: bool,
+    /// Why the runtime is unavailable.
+    pub unavailable_reason: Option<String>,
+    /// The sandbox backend it runs under.
+    pub backend: String,
+    /// Defaults of the run stage.
+    pub limits: LimitsInfo,
+    /// The most a request may ask for.
+    pub max_limits: LimitsInfo,
+    /// Limits of the compile stage, for compiled runtimes.
+    pub compile_limits: Option<LimitsInfo>,
+}
+
+pub struct RuntimesApi;
+
+#[OpenApi(prefix_path = "/api/v1")]
+impl RuntimesApi {
+    /// List runtimes
+    ///
+    /// Every runtime in runtimes.toml with its names, version, effective limits and
+    /// whether it can run on this server (and why not).
+    #[oai(path = "/runtimes", method = "get", tag = "ApiTags::Runtimes")]
+    async fn runtimes(&self, state: poem::web::Data<&AppState>) -> Json<Vec<RuntimeInfo>> {
+        let set = state.runtimes.snapshot();
+        Json(
+            set.runtimes
+                .iter()
+                .map(|r| RuntimeInfo {
+                    name: r.name.clone(),
+                    aliases: r.aliases.clone(),
+                    language: r.language.clone(),
+                    version: r.version.clone(),
+                    default: r.name == set.default,
+                    compiled: r.compile.is_some(),
+                    file_name: r.file_name.clone(),
+                    available: r.availability.available,
+                    unavailable_reason: r.availability.reason.clone(),
+                    backend: r.backend.as_str().into(),
+                    limits: (&r.limits).into(),
+                    max_limits: (&r.max_limits).into(),
+                    compile_limits: r.compile.as_ref().map(|_| (&r.compile_limits).into()),
+                })
+                .collect(),
+        )
+    }
+}

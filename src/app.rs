@@ -1,0 +1,62 @@
+//! Wiring: settings + runtimes + executor + metrics into the HTTP application. Used by the
+//! binary and by the tests (so tests drive the same application the daemon serves).
+
+use std::sync::Arc;
+
+use crate::api::{self, AppState};
+use crate::config::{ConfigError, Settings};
+use crate::execution::{ExecutionObserver, Executor};
+use crate::metrics::Metrics;
+use crate::runtimes::reload::{ReloadObserver, Reloader};
+use crate::runtimes::{self, RuntimeRegistry, RuntimesError};
+
+/// Why the daemon cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Runtimes(#[from] RuntimesError),
+    #[error("sandbox: {0}")]
+    Sandbox(String),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+pub struct App {
+    pub state: AppState,
+}
+
+impl App {
+    /// Load runtimes, prepare the executor and metrics. Does not bind a socket.
+    pub async fn build(settings: Settings) -> Result<App, StartError> {
+        let settings = Arc::new(settings);
+        let metrics = Metrics::new(settings.slots(), settings.execution.queue_size)?;
+        let set = runtimes::load(&settings.runtimes.file, &settings).await?;
+        metrics.set_runtimes(&set);
+        let registry = RuntimeRegistry::new(set);
+        let observer: Arc<dyn ExecutionObserver> = metrics.clone();
+        let executor = Executor::new(&settings, observer).map_err(StartError::Sandbox)?;
+        let reload_observer: Arc<dyn ReloadObserver> = metrics.clone();
+        let reloader = Reloader::new(Arc::clone(&settings), registry.clone(), reload_observer);
+        Ok(App {
+            state: AppState {
+                settings,
+                executor: Arc::new(executor),
+                runtimes: registry,
+                reloader,
+                metrics,
+            },
+        })
+    }
+
+    /// Every route, ready to serve or to test with `poem::test::TestClient`.
+    pub fn endpoint(&self) -> impl poem::Endpoint<Output = poem::Response> + use<> {
+        api::routes(self.state.clone())
+    }
+
+    /// Start the runtimes.toml watcher / SIGHUP listener.
+    pub fn spawn_reloader(&self) -> tokio::task::JoinHandle<()> {
+        self.state.reloader.clone().spawn()
+    }
+}

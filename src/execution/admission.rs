@@ -1,0 +1,143 @@
+//! Admission: at most `slots` executions run at once and at most `queue` wait; one more is
+//! refused at once (the API answers 429). Each admitted execution holds a slot index, which
+//! picks its uid, cgroup and work dir.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The queue is full.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the server is busy: {running} executions running and {waiting} waiting")]
+pub struct Busy {
+    pub running: usize,
+    pub waiting: usize,
+}
+
+pub(crate) struct Admission {
+    semaphore: Arc<Semaphore>,
+    free: Arc<Mutex<Vec<usize>>>,
+    waiting: AtomicUsize,
+    slots: usize,
+    queue: usize,
+}
+
+/// An admitted execution's slot; returned to the pool on drop.
+pub(crate) struct SlotLease {
+    pub(crate) index: usize,
+    free: Arc<Mutex<Vec<usize>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        match self.free.lock() {
+            Ok(mut free) => free.push(self.index),
+            Err(poisoned) => poisoned.into_inner().push(self.index),
+        }
+    }
+}
+
+impl Admission {
+    pub(crate) fn new(slots: usize, queue: usize) -> Self {
+        Admission {
+            semaphore: Arc::new(Semaphore::new(slots)),
+            free: Arc::new(Mutex::new((0..slots).rev().collect())),
+            waiting: AtomicUsize::new(0),
+            slots,
+            queue,
+        }
+    }
+
+    pub(crate) fn running(&self) -> usize {
+        self.slots - self.semaphore.available_permits()
+    }
+
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Take a free slot, waiting in the queue if there is room in it.
+    pub(crate) async fn acquire(&self, on_queued: impl FnOnce()) -> Result<SlotLease, Busy> {
+        let permit = match Arc::clone(&self.semaphore).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Reserve a queue place atomically so concurrent arrivals cannot overfill it.
+                let reserved = self
+                    .waiting
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                        (w < self.queue).then_some(w + 1)
+                    });
+                if reserved.is_err() {
+                    return Err(Busy {
+                        running: self.running(),
+                        waiting: self.waiting(),
+                    });
+                }
+                on_queued();
+                let _leave = QueueGuard(&self.waiting);
+                Arc::clone(&self.semaphore)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Busy {
+                        running: self.running(),
+                        waiting: self.waiting(),
+                    })?
+            }
+        };
+        let index = match self.free.lock() {
+            Ok(mut free) => free.pop(),
+            Err(poisoned) => poisoned.into_inner().pop(),
+        };
+        // The semaphore guarantees a free index; a missing one would be a bug, refuse safely.
+        let Some(index) = index else {
+            return Err(Busy {
+                running: self.running(),
+                waiting: self.waiting(),
+            });
+        };
+        Ok(SlotLease {
+            index,
+            free: Arc::clone(&self.free),
+            _permit: permit,
+        })
+    }
+}
+
+/// Leaves the queue even when the waiting future is dropped (client went away).
+struct QueueGuard<'a>(&'a AtomicUsize);
+
+impl Drop for QueueGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once() {
+        let admission = Arc::new(Admission::new(1, 1));
+        let first = admission.acquire(|| {}).await.expect("a free slot");
+        let waiter = {
+            let admission = Arc::clone(&admission);
+            tokio::spawn(async move { admission.acquire(|| {}).await.map(|l| l.index) })
+        };
+        // Let the waiter take the one queue place.
+        while admission.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = admission.acquire(|| {}).await;
+        assert!(refused.is_err(), "the third submission must be refused");
+        drop(first);
+        let index = waiter
+            .await
+            .expect("join")
+            .expect("admitted after the slot freed");
+        assert_eq!(index, 0);
+        assert_eq!(admission.waiting(), 0);
+    }
+}

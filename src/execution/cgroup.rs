@@ -1,0 +1,222 @@
+//! Per-slot memory cgroups (v2, or v1 where that is what the host mounts).
+//!
+//! Created once per slot at start-up (creating one per run costs milliseconds); each run
+//! sets its limit and resets the peak. The runner moves the sandbox into the cgroup in the
+//! child before exec, so no process of the run starts outside it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CgroupVersion {
+    V1,
+    V2,
+}
+
+#[derive(Debug)]
+pub(crate) struct MemoryCgroup {
+    dir: PathBuf,
+    version: CgroupVersion,
+}
+
+/// Where new memory cgroups can be made: under the daemon's own cgroup, so the host's
+/// limits on the daemon still bound its submissions.
+#[derive(Debug, Clone)]
+pub(crate) struct CgroupRoot {
+    pub(crate) dir: PathBuf,
+    pub(crate) version: CgroupVersion,
+}
+
+impl CgroupRoot {
+    /// Find a writable memory hierarchy, or say why there is none.
+    pub(crate) fn detect(name: &str) -> Result<CgroupRoot, String> {
+        let self_cgroup = std::fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
+        let unified = Path::new("/sys/fs/cgroup/cgroup.controllers");
+        if unified.exists() {
+            let controllers = std::fs::read_to_string(unified).unwrap_or_default();
+            if controllers.split_whitespace().any(|c| c == "memory") {
+                let own = self_cgroup
+                    .lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .unwrap_or("/");
+                // cgroup v2 forbids processes in inner nodes, so use a sibling of our own
+                // cgroup when we are in a leaf; creating there needs delegation or root.
+                let parent = Path::new("/sys/fs/cgroup").join(own.trim_start_matches('/'));
+                let base = parent.parent().unwrap_or(&parent).join(name);
+                return make_root(base, CgroupVersion::V2, &parent);
+            }
+        }
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        if v1.join("memory.limit_in_bytes").exists() {
+            let own = self_cgroup
+                .lines()
+                .find_map(|l| {
+                    let mut parts = l.splitn(3, ':');
+                    let _id = parts.next()?;
+                    let controllers = parts.next()?;
+                    let path = parts.next()?;
+                    controllers
+                        .split(',')
+                        .any(|c| c == "memory")
+                        .then_some(path)
+                })
+                .unwrap_or("/");
+            let parent = v1.join(own.trim_start_matches('/'));
+            return make_root(parent.join(name), CgroupVersion::V1, &parent);
+        }
+        Err("no memory cgroup controller is mounted".into())
+    }
+
+    pub(crate) fn slot(&self, index: usize) -> Result<MemoryCgroup, String> {
+        let dir = self.dir.join(format!("slot-{index}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+        }
+        if self.version == CgroupVersion::V2 {
+            // Keep runs out of swap so the memory limit means what it says.
+            let _ = write_file(&dir.join("memory.swap.max"), "0");
+        }
+        Ok(MemoryCgroup {
+            dir,
+            version: self.version,
+        })
+    }
+
+    pub(crate) fn remove(&self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn make_root(base: PathBuf, version: CgroupVersion, parent: &Path) -> Result<CgroupRoot, String> {
+    if version == CgroupVersion::V2 {
+        // Enable the memory controller for children of the base (best effort).
+        let _ = std::fs::create_dir(&base);
+        let _ = write_file(&base.join("cgroup.subtree_control"), "+memory");
+    } else {
+        match std::fs::create_dir(&base) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(format!(
+                    "cannot create a memory cgroup under {}: {e}",
+                    parent.display()
+                ));
+            }
+        }
+    }
+    if !base.is_dir() {
+        return Err(format!(
+            "cannot create a memory cgroup under {}",
+            parent.display()
+        ));
+    }
+    Ok(CgroupRoot { dir: base, version })
+}
+
+fn write_file(path: &Path, value: &str) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .write_all(value.as_bytes())
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+impl MemoryCgroup {
+    /// `cgroup.procs`: the runner writes the child's pid here before exec.
+    pub(crate) fn procs_path(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    /// Set the limit for the next run and reset its peak and OOM counters' baseline.
+    pub(crate) fn prepare(&self, limit_bytes: u64) -> Result<u64, String> {
+        let err = |what: &str, e: std::io::Error| format!("{what} on {}: {e}", self.dir.display());
+        match self.version {
+            CgroupVersion::V1 => {
+                let limit = limit_bytes.to_string();
+                let memsw = self.dir.join("memory.memsw.limit_in_bytes");
+                // memsw must stay >= the memory limit: order the writes to keep that true.
+                let _ = write_file(&memsw, &limit);
+                write_file(&self.dir.join("memory.limit_in_bytes"), &limit)
+                    .map_err(|e| err("setting memory.limit_in_bytes", e))?;
+                let _ = write_file(&memsw, &limit);
+                let _ = write_file(&self.dir.join("memory.max_usage_in_bytes"), "0");
+            }
+            CgroupVersion::V2 => {
+                write_file(&self.dir.join("memory.max"), &limit_bytes.to_string())
+                    .map_err(|e| err("setting memory.max", e))?;
+                // Writing to memory.peak resets it on kernels that support that (6.12+).
+                let _ = write_file(&self.dir.join("memory.peak"), "0");
+            }
+        }
+        Ok(self.oom_kills())
+    }
+
+    /// Peak memory since `prepare`.
+    pub(crate) fn peak_bytes(&self) -> Option<u64> {
+        match self.version {
+            CgroupVersion::V1 => read_u64(&self.dir.join("memory.max_usage_in_bytes")),
+            CgroupVersion::V2 => read_u64(&self.dir.join("memory.peak")),
+        }
+    }
+
+    /// The number of OOM kills so far (compare with the value `prepare` returned).
+    pub(crate) fn oom_kills(&self) -> u64 {
+        let file = match self.version {
+            CgroupVersion::V1 => "memory.oom_control",
+            CgroupVersion::V2 => "memory.events",
+        };
+        std::fs::read_to_string(self.dir.join(file))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill "))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// SIGKILL everything still in the cgroup; returns how many were signalled.
+    pub(crate) fn kill_all(&self) -> usize {
+        if self.version == CgroupVersion::V2
+            && write_file(&self.dir.join("cgroup.kill"), "1").is_ok()
+        {
+            return 0;
+        }
+        let Ok(text) = std::fs::read_to_string(self.procs_path()) else {
+            return 0;
+        };
+        let mut n = 0;
+        for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Whether any process is still inside.
+    pub(crate) fn is_empty(&self) -> bool {
+        std::fs::read_to_string(self.procs_path())
+            .map(|t| t.trim().is_empty())
+            .unwrap_or(true)
+    }
+
+    pub(crate) fn remove(&self) {
+        self.kill_all();
+        // rmdir fails while the last killed processes are still exiting; retry briefly.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        tracing::warn!(cgroup = %self.dir.display(), "could not remove cgroup");
+    }
+}

@@ -1,0 +1,229 @@
+//! Resource limits: the server's defaults and maxima, per-runtime overrides, per-request asks.
+//!
+//! The invariant: a request can lower any limit but never raise it past the ceiling, which is
+//! the runtime's `max_limits` where it sets one and the server's `max_limits` otherwise.
+
+use serde::{Deserialize, Serialize};
+
+/// One complete set of limits for a stage. Every field is enforced by the kernel or the runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Wall-clock time; the whole process tree is killed when it runs out.
+    pub wall_time_ms: u64,
+    /// CPU time per process (RLIMIT_CPU), rounded up to whole seconds by the kernel.
+    pub cpu_time_ms: u64,
+    /// Memory: a memory cgroup's limit where available, else RLIMIT_AS.
+    pub memory_bytes: u64,
+    /// Processes and threads of the sandbox's uid (RLIMIT_NPROC).
+    pub processes: u64,
+    /// Largest file the code may write (RLIMIT_FSIZE).
+    pub file_size_bytes: u64,
+    /// Open file descriptors per process (RLIMIT_NOFILE).
+    pub open_files: u64,
+    /// Bytes kept per output stream; more ends the run with `output_limit`.
+    pub output_bytes: u64,
+    /// Size of the writable work dir plus /tmp (a sized tmpfs).
+    pub workdir_bytes: u64,
+}
+
+/// The same fields, each optional: a runtime entry's or a request's partial limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsOverride {
+    pub wall_time_ms: Option<u64>,
+    pub cpu_time_ms: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub processes: Option<u64>,
+    pub file_size_bytes: Option<u64>,
+    pub open_files: Option<u64>,
+    pub output_bytes: Option<u64>,
+    pub workdir_bytes: Option<u64>,
+}
+
+/// A request asked for more than the ceiling allows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("limit `{field}` = {requested} exceeds the maximum of {maximum}")]
+pub struct LimitExceeded {
+    pub field: &'static str,
+    pub requested: u64,
+    pub maximum: u64,
+}
+
+const MIB: u64 = 1024 * 1024;
+
+macro_rules! limit_fields {
+    ($($field:ident),* $(,)?) => {
+        impl Limits {
+            /// `(name, value)` for every field, in declaration order.
+            pub fn entries(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($field), self.$field)),*]
+            }
+
+            /// Each field of `over` that is set replaces the value here.
+            pub fn with_override(mut self, over: &LimitsOverride) -> Limits {
+                $(if let Some(v) = over.$field { self.$field = v; })*
+                self
+            }
+
+            /// Field-wise minimum.
+            pub fn min(self, other: &Limits) -> Limits {
+                Limits { $($field: self.$field.min(other.$field)),* }
+            }
+        }
+
+        impl LimitsOverride {
+            /// `(name, value)` for every field that is set.
+            pub fn entries(&self) -> Vec<(&'static str, u64)> {
+                let mut out = Vec::new();
+                $(if let Some(v) = self.$field { out.push((stringify!($field), v)); })*
+                out
+            }
+        }
+    };
+}
+
+limit_fields!(
+    wall_time_ms,
+    cpu_time_ms,
+    memory_bytes,
+    processes,
+    file_size_bytes,
+    open_files,
+    output_bytes,
+    workdir_bytes,
+);
+
+impl Limits {
+    pub fn default_run() -> Limits {
+        Limits {
+            wall_time_ms: 10_000,
+            cpu_time_ms: 10_000,
+            memory_bytes: 256 * MIB,
+            processes: 64,
+            file_size_bytes: 16 * MIB,
+            open_files: 256,
+            output_bytes: MIB,
+            workdir_bytes: 64 * MIB,
+        }
+    }
+
+    pub fn default_max() -> Limits {
+        Limits {
+            wall_time_ms: 60_000,
+            cpu_time_ms: 60_000,
+            memory_bytes: 2048 * MIB,
+            processes: 256,
+            file_size_bytes: 256 * MIB,
+            open_files: 4096,
+            output_bytes: 16 * MIB,
+            workdir_bytes: 512 * MIB,
+        }
+    }
+
+    pub fn default_compile() -> Limits {
+        Limits {
+            wall_time_ms: 30_000,
+            cpu_time_ms: 30_000,
+            memory_bytes: 1024 * MIB,
+            processes: 128,
+            file_size_bytes: 128 * MIB,
+            open_files: 1024,
+            output_bytes: MIB,
+            workdir_bytes: 256 * MIB,
+        }
+    }
+
+    /// Every limit must be positive; `prefix` names the table in messages.
+    pub fn validate(&self, prefix: &str) -> Result<(), crate::config::ConfigError> {
+        for (name, value) in self.entries() {
+            if value == 0 {
+                return Err(crate::config::ConfigError::Invalid {
+                    key: format!("{prefix}.{name}"),
+                    message: "must be greater than 0".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The first field whose value is above the same field of `ceiling`.
+    pub fn first_exceeding(&self, ceiling: &Limits) -> Option<&'static str> {
+        self.entries()
+            .into_iter()
+            .zip(ceiling.entries())
+            .find(|((_, v), (_, max))| v > max)
+            .map(|((name, _), _)| name)
+    }
+
+    /// Apply a request's asks: each may lower a limit, none may pass `ceiling`.
+    pub fn apply_request(
+        self,
+        asked: &LimitsOverride,
+        ceiling: &Limits,
+    ) -> Result<Limits, LimitExceeded> {
+        let ceilings = ceiling.entries();
+        for (name, requested) in asked.entries() {
+            let maximum = ceilings
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(u64::MAX, |(_, m)| *m);
+            if requested > maximum {
+                return Err(LimitExceeded {
+                    field: name,
+                    requested,
+                    maximum,
+                });
+            }
+            if requested == 0 {
+                return Err(LimitExceeded {
+                    field: name,
+                    requested,
+                    maximum,
+                });
+            }
+        }
+        Ok(self.with_override(asked))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_can_lower_but_not_raise() {
+        let base = Limits::default_run();
+        let ceiling = Limits::default_max();
+        let lowered = base
+            .apply_request(
+                &LimitsOverride {
+                    wall_time_ms: Some(500),
+                    ..Default::default()
+                },
+                &ceiling,
+            )
+            .expect("lowering is allowed");
+        assert_eq!(lowered.wall_time_ms, 500);
+        assert_eq!(lowered.memory_bytes, base.memory_bytes);
+
+        let err = base
+            .apply_request(
+                &LimitsOverride {
+                    memory_bytes: Some(ceiling.memory_bytes + 1),
+                    ..Default::default()
+                },
+                &ceiling,
+            )
+            .expect_err("raising past the ceiling is refused");
+        assert_eq!(err.field, "memory_bytes");
+        assert_eq!(err.maximum, ceiling.memory_bytes);
+    }
+
+    #[test]
+    fn first_exceeding_names_the_field() {
+        let mut l = Limits::default_run();
+        l.processes = 10_000;
+        assert_eq!(l.first_exceeding(&Limits::default_max()), Some("processes"));
+    }
+}

@@ -1,0 +1,125 @@
+//! The execution core: requests, stages, limits and reports, the shared runner, and the sandbox
+//! backends. Nothing here knows about HTTP or Prometheus; outcomes leave through
+//! [`ExecutionObserver`].
+
+mod admission;
+mod cgroup;
+mod engine;
+mod limits;
+mod observer;
+mod report;
+mod runner;
+pub mod sandbox;
+mod slots;
+
+use std::sync::Arc;
+
+pub use admission::Busy;
+pub use engine::{Executor, ExecutorInfo};
+pub use limits::{LimitExceeded, Limits, LimitsOverride};
+pub use observer::{ExecutionObserver, NoopObserver};
+pub use report::{ExecutionReport, LimitKind, StageReport, StageStatus};
+pub use slots::MemoryEnforcement;
+
+use crate::runtimes::Runtime;
+
+/// A file of a submission, placed in the work dir before any stage runs.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    pub name: String,
+    pub content: Vec<u8>,
+}
+
+/// Everything needed to run one submission.
+#[derive(Debug, Clone)]
+pub struct ExecutionRequest {
+    /// The runtime resolved when the request arrived; a reload does not change it.
+    pub runtime: Arc<Runtime>,
+    /// Files to write; `entry` names the one the run command gets as `{file}`.
+    pub files: Vec<SourceFile>,
+    pub entry: String,
+    pub stdin: Vec<u8>,
+    pub args: Vec<String>,
+    /// Limits of the run stage (compile stages use the runtime's compile limits).
+    pub limits: Limits,
+}
+
+impl ExecutionRequest {
+    /// The common single-file case: `code` saved under the runtime's file name.
+    pub fn single_file(runtime: Arc<Runtime>, code: impl Into<Vec<u8>>) -> Self {
+        let entry = runtime.file_name.clone();
+        let limits = runtime.limits;
+        ExecutionRequest {
+            files: vec![SourceFile {
+                name: entry.clone(),
+                content: code.into(),
+            }],
+            entry,
+            runtime,
+            stdin: Vec::new(),
+            args: Vec::new(),
+            limits,
+        }
+    }
+}
+
+/// A submitted file name must stay inside the work dir: relative, no `..`, no empty or hidden
+/// tricks, at most a few levels deep.
+pub fn validate_file_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 255 {
+        return Err("file name must be 1-255 bytes".into());
+    }
+    if name.starts_with('/') {
+        return Err(format!("file name `{name}` must be relative, not absolute"));
+    }
+    if name.contains('\0') || name.contains('\\') {
+        return Err(format!("file name `{name}` contains a forbidden character"));
+    }
+    let parts: Vec<&str> = name.split('/').collect();
+    if parts.len() > 8 {
+        return Err(format!("file name `{name}` is nested too deeply"));
+    }
+    for part in parts {
+        if part.is_empty() || part == "." || part == ".." {
+            return Err(format!(
+                "file name `{name}` must not contain empty, `.` or `..` components"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Errors that stop a submission before or outside its stages.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError {
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_file_name;
+
+    #[test]
+    fn file_names_cannot_escape_the_work_dir() {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "a\\b",
+        ] {
+            assert!(validate_file_name(bad).is_err(), "{bad:?} must be refused");
+        }
+        for good in ["main.py", "src/lib.rs", "Main.java", ".hidden"] {
+            assert!(
+                validate_file_name(good).is_ok(),
+                "{good:?} must be accepted"
+            );
+        }
+    }
+}

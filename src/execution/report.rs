@@ -1,0 +1,143 @@
+//! What a run produced, in core terms. `api/` maps these to response shapes.
+
+use std::time::Duration;
+
+/// The outcome of one stage, from a small fixed set (also the metrics' outcome label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StageStatus {
+    Ok,
+    RuntimeError,
+    Timeout,
+    MemoryLimit,
+    OutputLimit,
+    CompileError,
+    InternalError,
+}
+
+impl StageStatus {
+    pub const ALL: [StageStatus; 7] = [
+        StageStatus::Ok,
+        StageStatus::RuntimeError,
+        StageStatus::Timeout,
+        StageStatus::MemoryLimit,
+        StageStatus::OutputLimit,
+        StageStatus::CompileError,
+        StageStatus::InternalError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageStatus::Ok => "ok",
+            StageStatus::RuntimeError => "runtime_error",
+            StageStatus::Timeout => "timeout",
+            StageStatus::MemoryLimit => "memory_limit",
+            StageStatus::OutputLimit => "output_limit",
+            StageStatus::CompileError => "compile_error",
+            StageStatus::InternalError => "internal_error",
+        }
+    }
+}
+
+/// Which limit ended a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    WallTime,
+    CpuTime,
+    Memory,
+    Output,
+    FileSize,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::WallTime => "wall_time",
+            LimitKind::CpuTime => "cpu_time",
+            LimitKind::Memory => "memory",
+            LimitKind::Output => "output",
+            LimitKind::FileSize => "file_size",
+        }
+    }
+}
+
+/// The result of one stage (compile or run).
+#[derive(Debug, Clone)]
+pub struct StageReport {
+    pub status: StageStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    /// The exit code, when the process exited rather than being killed by a signal.
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// The limit that ended the stage, if one did.
+    pub limit: Option<LimitKind>,
+    pub wall_time: Duration,
+    pub cpu_time: Option<Duration>,
+    pub peak_memory_bytes: Option<u64>,
+    /// The limits the stage ran under, so messages can quote them.
+    pub limits: super::Limits,
+    /// Detail for `InternalError`.
+    pub message: Option<String>,
+}
+
+impl StageReport {
+    pub fn internal(message: impl Into<String>, limits: super::Limits) -> Self {
+        StageReport {
+            status: StageStatus::InternalError,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            exit_code: None,
+            signal: None,
+            limit: None,
+            wall_time: Duration::ZERO,
+            cpu_time: None,
+            peak_memory_bytes: None,
+            limits,
+            message: Some(message.into()),
+        }
+    }
+}
+
+/// A whole submission: the compile stage when the runtime has one, then the run stage
+/// (absent when compiling failed).
+#[derive(Debug, Clone)]
+pub struct ExecutionReport {
+    pub compile: Option<StageReport>,
+    pub run: Option<StageReport>,
+}
+
+impl ExecutionReport {
+    /// The outcome of the submission as a whole.
+    pub fn status(&self) -> StageStatus {
+        match (&self.compile, &self.run) {
+            (_, Some(run)) => run.status,
+            (Some(compile), None) => compile.status,
+            (None, None) => StageStatus::InternalError,
+        }
+    }
+
+    /// The stage whose result the caller sees last.
+    pub fn final_stage(&self) -> Option<&StageReport> {
+        self.run.as_ref().or(self.compile.as_ref())
+    }
+
+    pub fn output_bytes(&self) -> u64 {
+        [&self.compile, &self.run]
+            .into_iter()
+            .flatten()
+            .map(|s| (s.stdout.len() + s.stderr.len()) as u64)
+            .sum()
+    }
+
+    pub fn peak_memory_bytes(&self) -> Option<u64> {
+        [&self.compile, &self.run]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.peak_memory_bytes)
+            .max()
+    }
+}

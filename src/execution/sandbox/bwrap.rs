@@ -1,0 +1,159 @@
+//! The `bwrap` backend: bubblewrap with new user, pid, net, mount, ipc, uts and cgroup
+//! namespaces; the system bound read-only; the slot's sized tmpfs as `/box` and `/tmp`; no
+//! capabilities; a cleared environment; nested user namespaces disabled; the seccomp filters
+//! from [`super::seccomp`].
+//!
+//! The pid namespace is what makes "kill the whole tree" reliable: when the stage's main
+//! process or bubblewrap itself dies, the kernel kills every process left in the namespace,
+//! including detached grandchildren that called `setsid`.
+
+use std::ffi::{CString, OsString};
+use std::io::{Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use super::{SandboxBackend, SandboxCommand, StagePlan, base_env};
+use crate::config::BackendKind;
+
+/// Top-level directories that merged-/usr systems make symlinks into /usr.
+const USR_LINKS: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+
+pub struct BwrapBackend {
+    bwrap: PathBuf,
+    ro_binds: Vec<PathBuf>,
+    seccomp: Vec<Vec<u8>>,
+}
+
+impl BwrapBackend {
+    /// Fails when bubblewrap is missing or cannot create namespaces here.
+    pub fn new(bwrap: &Path, sandbox_path: &str, ro_binds: Vec<PathBuf>) -> Result<Self, String> {
+        let daemon_path = std::env::var("PATH").unwrap_or_default();
+        let search = format!("{daemon_path}:{sandbox_path}");
+        let bwrap = crate::runtimes::resolve_command(&bwrap.to_string_lossy(), &search)
+            .ok_or_else(|| {
+                format!(
+                    "bubblewrap (`{}`) is not installed. Install it with `apt-get install bubblewrap`, \
+                     or opt out of isolation with MDE_SANDBOX__BACKEND=process (development only)",
+                    bwrap.display()
+                )
+            })?;
+        Ok(BwrapBackend {
+            bwrap,
+            ro_binds,
+            seccomp: super::seccomp::build_filters()?,
+        })
+    }
+
+    fn bind_args(&self, extra: &[PathBuf], args: &mut Vec<OsString>) {
+        for link in USR_LINKS {
+            let path = Path::new(link);
+            match std::fs::read_link(path) {
+                Ok(target) => push(
+                    args,
+                    ["--symlink".as_ref(), target.as_os_str(), path.as_os_str()],
+                ),
+                Err(_) if path.is_dir() => push(
+                    args,
+                    ["--ro-bind".as_ref(), path.as_os_str(), path.as_os_str()],
+                ),
+                Err(_) => {}
+            }
+        }
+        for path in self.ro_binds.iter().chain(extra) {
+            push(
+                args,
+                ["--ro-bind-try".as_ref(), path.as_os_str(), path.as_os_str()],
+            );
+        }
+    }
+}
+
+fn push<'a>(args: &mut Vec<OsString>, items: impl IntoIterator<Item = &'a std::ffi::OsStr>) {
+    args.extend(items.into_iter().map(OsString::from));
+}
+
+/// A sealed-in-memory copy of `bytes` for bubblewrap to read (one per run: the read offset
+/// of a shared descriptor would race between concurrent runs).
+fn memfd_with(bytes: &[u8]) -> Result<OwnedFd, String> {
+    let name = CString::new("mde-seccomp").map_err(|e| e.to_string())?;
+    // SAFETY: `name` is a valid C string; the returned descriptor is checked before use.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.write_all(bytes)
+        .and_then(|()| file.rewind())
+        .map_err(|e| format!("writing seccomp filter: {e}"))?;
+    Ok(OwnedFd::from(file))
+}
+
+impl SandboxBackend for BwrapBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Bwrap
+    }
+
+    fn build(&self, plan: &StagePlan<'_>) -> Result<SandboxCommand, String> {
+        let mut args: Vec<OsString> = [
+            "--unshare-all",
+            "--unshare-user",
+            "--disable-userns",
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop",
+            "ALL",
+            "--hostname",
+            "sandbox",
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+        self.bind_args(plan.ro_binds, &mut args);
+        let box_dir = plan.slot_dir.join("box");
+        let tmp_dir = plan.slot_dir.join("tmp");
+        push(
+            &mut args,
+            [
+                "--proc".as_ref(),
+                "/proc".as_ref(),
+                "--dev".as_ref(),
+                "/dev".as_ref(),
+                "--bind".as_ref(),
+                box_dir.as_os_str(),
+                "/box".as_ref(),
+                "--bind".as_ref(),
+                tmp_dir.as_os_str(),
+                "/tmp".as_ref(),
+                "--chdir".as_ref(),
+                "/box".as_ref(),
+                "--clearenv".as_ref(),
+            ],
+        );
+        let mut env = base_env(plan.path, Path::new("/box"), Path::new("/tmp"));
+        env.extend(plan.env.iter().map(|(k, v)| (k.into(), v.into())));
+        for (key, value) in &env {
+            push(
+                &mut args,
+                ["--setenv".as_ref(), key.as_os_str(), value.as_os_str()],
+            );
+        }
+        let mut pass_fds = Vec::with_capacity(self.seccomp.len());
+        for program in &self.seccomp {
+            let fd = memfd_with(program)?;
+            args.push("--add-seccomp-fd".into());
+            args.push(fd.as_raw_fd().to_string().into());
+            pass_fds.push(fd);
+        }
+        args.push("--".into());
+        args.extend(plan.argv.iter().map(OsString::from));
+        Ok(SandboxCommand {
+            program: self.bwrap.clone(),
+            args,
+            // bubblewrap itself gets an empty environment; the stage's comes from --setenv.
+            env: Vec::new(),
+            cwd: plan.slot_dir.to_path_buf(),
+            pass_fds,
+        })
+    }
+}

@@ -1,0 +1,58 @@
+//! Sandbox backends. A backend only *builds* the command for a stage; spawning, pipes,
+//! limits, timeouts and killing are shared code in the runner (as in rust-playground's
+//! orchestrator), so every backend gets the same enforcement.
+
+mod bwrap;
+mod process;
+mod seccomp;
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+pub use bwrap::BwrapBackend;
+pub use process::ProcessBackend;
+
+use crate::config::BackendKind;
+
+/// What a stage should run, independent of the backend.
+#[derive(Debug)]
+pub struct StagePlan<'a> {
+    /// The command with placeholders filled; `argv[0]` is an absolute path.
+    pub argv: Vec<String>,
+    /// Environment on top of the sandbox's base (PATH, HOME, TMPDIR, LANG).
+    pub env: &'a [(String, String)],
+    /// Extra read-only host paths this runtime needs.
+    pub ro_binds: &'a [PathBuf],
+    /// The slot's host directory holding `box/` (work dir) and `tmp/`.
+    pub slot_dir: &'a Path,
+    /// PATH inside the sandbox.
+    pub path: &'a str,
+}
+
+/// A fully built command, ready for the runner to spawn.
+#[derive(Debug)]
+pub struct SandboxCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+    pub cwd: PathBuf,
+    /// Descriptors the child must inherit (the runner clears their close-on-exec flag).
+    pub pass_fds: Vec<OwnedFd>,
+}
+
+pub trait SandboxBackend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+    fn build(&self, plan: &StagePlan<'_>) -> Result<SandboxCommand, String>;
+}
+
+/// The environment every stage starts from; nothing of the daemon's environment leaks in.
+fn base_env(path: &str, home: &Path, tmp: &Path) -> Vec<(OsString, OsString)> {
+    vec![
+        ("PATH".into(), path.into()),
+        ("HOME".into(), home.into()),
+        ("TMPDIR".into(), tmp.into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("LC_ALL".into(), "C.UTF-8".into()),
+    ]
+}

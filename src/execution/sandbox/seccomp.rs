@@ -1,0 +1,142 @@
+//! The seccomp filters handed to bubblewrap (`--add-seccomp-fd`), built with `seccompiler`.
+//!
+//! Two programs, because a seccompiler filter has one match action:
+//! - a denylist answering EPERM: mounts, namespaces, tracing, kernel keyrings, modules, BPF,
+//!   perf, userfaultfd, reboot/clock/swap and clone with any namespace flag;
+//! - `clone3` answering ENOSYS: its flags sit in memory a filter cannot read, and ENOSYS makes
+//!   libc fall back to `clone`, whose flags the first filter checks.
+//!
+//! Syscalls from another architecture (e.g. `int 0x80` on x86_64) fail the filter's arch check.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Syscalls no submission needs and a sandbox escape would.
+const DENIED: &[libc::c_long] = &[
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_userfaultfd,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_mount_setattr,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_reboot,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+    libc::SYS_syslog,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_clock_adjtime,
+    libc::SYS_adjtimex,
+    libc::SYS_lookup_dcookie,
+    libc::SYS_personality,
+];
+
+const NAMESPACE_FLAGS: &[libc::c_int] = &[
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWNET,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWCGROUP,
+];
+
+/// Both filters as raw `struct sock_filter` arrays, the format bubblewrap reads.
+pub(crate) fn build_filters() -> Result<Vec<Vec<u8>>, String> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| format!("seccomp: unsupported architecture: {e:?}"))?;
+    let mut deny: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let clone_rules = NAMESPACE_FLAGS
+        .iter()
+        .map(|&flag| {
+            let flag = u64::from(flag.unsigned_abs());
+            SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(flag),
+                flag,
+            )
+            .and_then(|cond| SeccompRule::new(vec![cond]))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("seccomp: {e}"))?;
+    deny.insert(libc::SYS_clone, clone_rules);
+    let deny = SeccompFilter::new(
+        deny,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| format!("seccomp: {e}"))?;
+
+    let clone3: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_clone3, Vec::new())].into();
+    let clone3 = SeccompFilter::new(
+        clone3,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )
+    .map_err(|e| format!("seccomp: {e}"))?;
+
+    [deny, clone3]
+        .into_iter()
+        .map(|filter| {
+            let program: BpfProgram = filter
+                .try_into()
+                .map_err(|e: seccompiler::BackendError| format!("seccomp: {e}"))?;
+            Ok(to_bytes(&program))
+        })
+        .collect()
+}
+
+fn to_bytes(program: &BpfProgram) -> Vec<u8> {
+    let mut out = Vec::with_capacity(program.len() * 8);
+    for insn in program {
+        out.extend_from_slice(&insn.code.to_ne_bytes());
+        out.push(insn.jt);
+        out.push(insn.jf);
+        out.extend_from_slice(&insn.k.to_ne_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn filters_build_for_this_architecture() {
+        let filters = super::build_filters().expect("filters build");
+        assert_eq!(filters.len(), 2);
+        for f in filters {
+            assert!(!f.is_empty() && f.len() % 8 == 0);
+        }
+    }
+}

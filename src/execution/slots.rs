@@ -1,0 +1,334 @@
+//! Execution slots: the per-concurrent-run resources, prepared once at start-up.
+//!
+//! Slot N has its own uid (so RLIMIT_NPROC counts only its processes, and one run can never
+//! signal another), its own memory cgroup, and its own directory on a sized tmpfs holding
+//! `box/` (the work dir) and `tmp/`. A uid is claimed with an exclusive lock file, so two
+//! daemons on one host never share one (as isolate does with box ids).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::SourceFile;
+use super::cgroup::{CgroupRoot, CgroupVersion, MemoryCgroup};
+
+/// How memory is limited on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryEnforcement {
+    CgroupV1,
+    CgroupV2,
+    /// RLIMIT_AS: breaks runtimes that reserve large address space (JVM, Go, node).
+    AddressSpace {
+        reason: String,
+    },
+}
+
+impl MemoryEnforcement {
+    pub fn describe(&self) -> String {
+        match self {
+            MemoryEnforcement::CgroupV1 => "memory cgroup (v1)".into(),
+            MemoryEnforcement::CgroupV2 => "memory cgroup (v2)".into(),
+            MemoryEnforcement::AddressSpace { reason } => {
+                format!("RLIMIT_AS (no memory cgroup: {reason})")
+            }
+        }
+    }
+}
+
+pub(crate) struct Slot {
+    pub(crate) uid: Option<u32>,
+    pub(crate) cgroup: Option<MemoryCgroup>,
+    pub(crate) dir: PathBuf,
+    mounted: bool,
+    mounted_size: AtomicU64,
+    _uid_lock: Option<File>,
+}
+
+pub(crate) struct SlotPool {
+    root: PathBuf,
+    pub(crate) slots: Vec<Slot>,
+    cgroup_root: Option<CgroupRoot>,
+    pub(crate) memory: MemoryEnforcement,
+    pub(crate) per_slot_uid: bool,
+    pub(crate) sized_workdir: bool,
+}
+
+pub(crate) struct SlotOptions<'a> {
+    pub(crate) count: usize,
+    pub(crate) work_root: &'a Path,
+    pub(crate) uid_base: u32,
+    pub(crate) memory_cgroup: bool,
+    pub(crate) tmpfs_workdir: bool,
+    pub(crate) workdir_bytes: u64,
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+impl SlotPool {
+    pub(crate) fn new(opts: &SlotOptions<'_>) -> Result<SlotPool, String> {
+        let root = tempfile::Builder::new()
+            .prefix("mde-")
+            .tempdir_in(opts.work_root)
+            .map_err(|e| format!("creating work root in {}: {e}", opts.work_root.display()))?
+            .keep();
+        // Slot uids must be able to reach their own directories, and nothing else here.
+        set_mode(&root, 0o711)?;
+        let root_user = is_root();
+        let cgroup_name = root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("mde-{}", std::process::id()));
+        let (cgroup_root, memory) = match (opts.memory_cgroup, root_user) {
+            (false, _) => (
+                None,
+                MemoryEnforcement::AddressSpace {
+                    reason: "disabled by sandbox.memory_cgroup".into(),
+                },
+            ),
+            (true, false) => (
+                None,
+                MemoryEnforcement::AddressSpace {
+                    reason: "the daemon is not root".into(),
+                },
+            ),
+            (true, true) => match CgroupRoot::detect(&cgroup_name) {
+                Ok(cg) => {
+                    let kind = match cg.version {
+                        CgroupVersion::V1 => MemoryEnforcement::CgroupV1,
+                        CgroupVersion::V2 => MemoryEnforcement::CgroupV2,
+                    };
+                    (Some(cg), kind)
+                }
+                Err(reason) => (None, MemoryEnforcement::AddressSpace { reason }),
+            },
+        };
+        let mut pool = SlotPool {
+            root,
+            slots: Vec::with_capacity(opts.count),
+            cgroup_root,
+            memory,
+            per_slot_uid: root_user,
+            sized_workdir: root_user && opts.tmpfs_workdir,
+        };
+        let mut next_uid = opts.uid_base;
+        for index in 0..opts.count {
+            let (uid, lock) = if root_user {
+                let (uid, lock) = claim_uid(&mut next_uid, opts.uid_base)?;
+                (Some(uid), Some(lock))
+            } else {
+                (None, None)
+            };
+            let dir = pool.root.join(format!("slot-{index}"));
+            std::fs::DirBuilder::new()
+                .mode(0o711)
+                .create(&dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            let mounted = pool.sized_workdir && mount_tmpfs(&dir, opts.workdir_bytes)?;
+            let cgroup = match &pool.cgroup_root {
+                Some(root) => Some(root.slot(index)?),
+                None => None,
+            };
+            pool.slots.push(Slot {
+                uid,
+                cgroup,
+                dir,
+                mounted,
+                mounted_size: AtomicU64::new(opts.workdir_bytes),
+                _uid_lock: lock,
+            });
+        }
+        Ok(pool)
+    }
+
+    /// Empty the slot's work dir and /tmp, size them, and write the submission's files.
+    pub(crate) fn prepare(
+        &self,
+        index: usize,
+        files: &[SourceFile],
+        workdir_bytes: u64,
+        memory_bytes: u64,
+    ) -> Result<&Slot, String> {
+        let slot = self.slots.get(index).ok_or("no such slot")?;
+        self.clear(index);
+        if slot.mounted && slot.mounted_size.load(Ordering::Relaxed) != workdir_bytes {
+            remount_tmpfs(&slot.dir, workdir_bytes)?;
+            slot.mounted_size.store(workdir_bytes, Ordering::Relaxed);
+        }
+        let box_dir = slot.dir.join("box");
+        for dir in [&box_dir, &slot.dir.join("tmp")] {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            chown(dir, slot.uid)?;
+        }
+        for file in files {
+            write_file(&box_dir, file, slot.uid)?;
+        }
+        if let Some(cg) = &slot.cgroup {
+            cg.prepare(memory_bytes)?;
+        }
+        Ok(slot)
+    }
+
+    /// Remove everything a run left in the slot (symlinks are removed, never followed).
+    pub(crate) fn clear(&self, index: usize) {
+        if let Some(slot) = self.slots.get(index) {
+            for sub in ["box", "tmp"] {
+                let path = slot.dir.join(sub);
+                if path.symlink_metadata().is_ok() {
+                    if let Err(e) = std::fs::remove_dir_all(&path) {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot clear slot dir");
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SlotPool {
+    fn drop(&mut self) {
+        for slot in &self.slots {
+            if let Some(cg) = &slot.cgroup {
+                cg.remove();
+            }
+            if slot.mounted {
+                if let Ok(c) = std::ffi::CString::new(slot.dir.as_os_str().as_encoded_bytes()) {
+                    // SAFETY: `c` is a valid C string for the duration of the call.
+                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                }
+            }
+        }
+        if let Some(root) = &self.cgroup_root {
+            root.remove();
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Claim the next uid not locked by another daemon on this host.
+fn claim_uid(next: &mut u32, base: u32) -> Result<(u32, File), String> {
+    let lock_dir = Path::new("/run/lock/mixed-docker-executor");
+    let _ = std::fs::create_dir_all(lock_dir);
+    for _ in 0..4096 {
+        let uid = *next;
+        *next += 1;
+        let path = lock_dir.join(format!("uid-{uid}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        // SAFETY: flock on a descriptor we own; released when the file is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok((uid, file));
+        }
+    }
+    Err(format!(
+        "no free sandbox uid from {base} on (all are locked by other daemons)"
+    ))
+}
+
+fn cstring(path: &Path) -> Result<std::ffi::CString, String> {
+    std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("path {} contains a NUL byte", path.display()))
+}
+
+/// Mount a sized tmpfs on `dir`; `Ok(false)` when the host does not let us.
+fn mount_tmpfs(dir: &Path, bytes: u64) -> Result<bool, String> {
+    let target = cstring(dir)?;
+    let data =
+        std::ffi::CString::new(format!("size={bytes},mode=0711")).map_err(|e| e.to_string())?;
+    // SAFETY: all pointers are valid C strings for the duration of the call.
+    let ret = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            data.as_ptr().cast(),
+        )
+    };
+    if ret != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            error = %std::io::Error::last_os_error(),
+            "cannot mount a sized tmpfs; the work dir size is not enforced"
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+fn remount_tmpfs(dir: &Path, bytes: u64) -> Result<(), String> {
+    let target = cstring(dir)?;
+    let data = std::ffi::CString::new(format!("size={bytes}")).map_err(|e| e.to_string())?;
+    // SAFETY: all pointers are valid C strings or null for the duration of the call.
+    let ret = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV,
+            data.as_ptr().cast(),
+        )
+    };
+    if ret != 0 {
+        return Err(format!(
+            "resizing {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))
+}
+
+fn chown(path: &Path, uid: Option<u32>) -> Result<(), String> {
+    match uid {
+        Some(uid) => std::os::unix::fs::lchown(path, Some(uid), Some(uid))
+            .map_err(|e| format!("chown {}: {e}", path.display())),
+        None => Ok(()),
+    }
+}
+
+/// Write one submitted file under `box_dir`, creating its parent directories. The box is
+/// fresh, but `create_new` makes sure no existing path (or link) is ever written through.
+fn write_file(box_dir: &Path, file: &SourceFile, uid: Option<u32>) -> Result<(), String> {
+    super::validate_file_name(&file.name)?;
+    let path = box_dir.join(&file.name);
+    let mut dir = box_dir.to_path_buf();
+    let parts: Vec<&str> = file.name.split('/').collect();
+    for part in &parts[..parts.len() - 1] {
+        dir.push(part);
+        if !dir.is_dir() {
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            chown(&dir, uid)?;
+        }
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| format!("writing {}: {e}", file.name))?;
+    std::io::Write::write_all(&mut out, &file.content)
+        .map_err(|e| format!("writing {}: {e}", file.name))?;
+    chown(&path, uid)
+}

@@ -1,0 +1,11 @@
+//! mixed-docker-executor: a daemon that runs untrusted code submissions in a sandbox.
+//!
+//! See `ARCHITECTURE.md` for the map. In short: `api` parses and maps, `execution` runs
+//! (and knows no HTTP), `runtimes` says what to run, `metrics` observes, `app` wires them.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod execution;
+pub mod metrics;
+pub mod runtimes;

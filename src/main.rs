@@ -1,0 +1,134 @@
+//! The binary: parse the command line, set up logging, and call into the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mixed_docker_executor::app::App;
+use mixed_docker_executor::config::Settings;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Run untrusted code submissions in a sandbox, over HTTP"
+)]
+struct Cli {
+    /// A TOML config file (settings not in it keep their defaults; MDE_* variables win).
+    #[arg(long, global = true, env = "MDE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve HTTP (the default).
+    Serve,
+    /// Print the OpenAPI spec (the committed copy is openapi/openapi.json).
+    Openapi,
+    /// Load and validate the config and runtimes file, print what would run, and exit.
+    CheckConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Openapi) = cli.command {
+        println!("{}", mixed_docker_executor::api::spec_json());
+        return Ok(());
+    }
+    let settings = Settings::load(cli.config.as_deref(), std::env::vars())?;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.server.log_level))
+        .context("invalid log level (server.log_level or RUST_LOG)")?;
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => check_config(settings).await,
+        _ => serve(settings).await,
+    }
+}
+
+async fn check_config(settings: Settings) -> anyhow::Result<()> {
+    let set = mixed_docker_executor::runtimes::load(&settings.runtimes.file, &settings).await?;
+    println!("config ok; default runtime: {}", set.default);
+    for r in &set.runtimes {
+        let state = match &r.availability.reason {
+            None => "available".to_string(),
+            Some(reason) => format!("unavailable: {reason}"),
+        };
+        println!(
+            "  {:<10} {:<12} {:<10} {}",
+            r.name,
+            r.language,
+            r.version.as_deref().unwrap_or("-"),
+            state
+        );
+    }
+    Ok(())
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let addr = (settings.server.host, settings.server.port);
+    let grace = Duration::from_secs(settings.server.shutdown_grace_seconds);
+    let app = App::build(settings).await?;
+    app.state
+        .executor
+        .self_test()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let info = app.state.executor.info();
+    if !info.isolated() {
+        tracing::warn!(
+            "!!! ISOLATION IS OFF: the `process` backend runs submissions as plain processes with host access. Use it for development only. !!!"
+        );
+    }
+    let set = app.state.runtimes.snapshot();
+    for r in &set.runtimes {
+        match &r.availability.reason {
+            None => {
+                tracing::info!(runtime = %r.name, version = r.version.as_deref().unwrap_or("-"), "runtime available")
+            }
+            Some(reason) => tracing::warn!(runtime = %r.name, %reason, "runtime unavailable"),
+        }
+    }
+    tracing::info!(
+        backend = info.backend.as_str(),
+        memory = %info.memory.describe(),
+        per_slot_uid = info.per_slot_uid,
+        sized_workdir = info.sized_workdir,
+        slots = info.slots,
+        queue = info.queue,
+        "sandbox ready"
+    );
+    let _reloader = app.spawn_reloader();
+    let listener = poem::listener::TcpListener::bind(addr);
+    tracing::info!(
+        "listening on http://{}:{} (Swagger UI at /docs)",
+        addr.0,
+        addr.1
+    );
+    poem::Server::new(listener)
+        .run_with_graceful_shutdown(app.endpoint(), shutdown_signal(), Some(grace))
+        .await
+        .context("server error")?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested; finishing in-flight executions");
+}

@@ -1,0 +1,296 @@
+//! Prometheus metrics on the daemon's own registry. Built once; the core reaches them only
+//! through the [`ExecutionObserver`] and [`ReloadObserver`] hooks. Label values come from
+//! fixed lists or from `runtimes.toml`, never from request input, so cardinality is bounded.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::execution::{ExecutionObserver, ExecutionReport, StageStatus};
+use crate::runtimes::RuntimeSet;
+use crate::runtimes::reload::ReloadObserver;
+
+/// Why a request was turned away before any code ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    BadRequest,
+    UnknownRuntime,
+    RuntimeUnavailable,
+    LimitExceeded,
+    PayloadTooLarge,
+    Busy,
+    Unauthorized,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 7] = [
+        RejectReason::BadRequest,
+        RejectReason::UnknownRuntime,
+        RejectReason::RuntimeUnavailable,
+        RejectReason::LimitExceeded,
+        RejectReason::PayloadTooLarge,
+        RejectReason::Busy,
+        RejectReason::Unauthorized,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::BadRequest => "bad_request",
+            RejectReason::UnknownRuntime => "unknown_runtime",
+            RejectReason::RuntimeUnavailable => "runtime_unavailable",
+            RejectReason::LimitExceeded => "limit_exceeded",
+            RejectReason::PayloadTooLarge => "payload_too_large",
+            RejectReason::Busy => "busy",
+            RejectReason::Unauthorized => "unauthorized",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    executions: IntCounterVec,
+    failures: IntCounterVec,
+    duration: HistogramVec,
+    queue_wait: Histogram,
+    in_flight: IntGauge,
+    queue_depth: IntGauge,
+    output_bytes: HistogramVec,
+    peak_memory: HistogramVec,
+    rejected: IntCounterVec,
+    runtime_available: GaugeVec,
+    reloads: IntCounterVec,
+    last_reload_ok: Gauge,
+}
+
+fn exponential(start: f64, factor: f64, count: usize) -> Vec<f64> {
+    prometheus::exponential_buckets(start, factor, count).unwrap_or_default()
+}
+
+impl Metrics {
+    pub fn new(slots: usize, queue: usize) -> Result<Arc<Metrics>, prometheus::Error> {
+        let registry = Registry::new_custom(None, None)?;
+        let executions = IntCounterVec::new(
+            Opts::new(
+                "mde_executions_total",
+                "Executions finished, by runtime and outcome",
+            ),
+            &["runtime", "outcome"],
+        )?;
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "mde_execution_failures_total",
+                "Executions that did not end ok, by runtime and reason",
+            ),
+            &["runtime", "reason"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "mde_execution_duration_seconds",
+                "Time from slot acquired to result, all stages",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+            &["runtime"],
+        )?;
+        let queue_wait = Histogram::with_opts(
+            HistogramOpts::new(
+                "mde_queue_wait_seconds",
+                "Time a submission waited for a free slot",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+        )?;
+        let in_flight = IntGauge::new("mde_executions_in_flight", "Executions running now")?;
+        let queue_depth = IntGauge::new("mde_queue_depth", "Submissions waiting for a slot")?;
+        let capacity = IntGauge::new("mde_capacity_slots", "Executions that may run at once")?;
+        let queue_capacity =
+            IntGauge::new("mde_queue_capacity", "Submissions that may wait for a slot")?;
+        let output_bytes = HistogramVec::new(
+            HistogramOpts::new(
+                "mde_execution_output_bytes",
+                "Bytes of stdout plus stderr kept per execution",
+            )
+            .buckets(exponential(64.0, 4.0, 10)),
+            &["runtime"],
+        )?;
+        let peak_memory = HistogramVec::new(
+            HistogramOpts::new(
+                "mde_execution_peak_memory_bytes",
+                "Peak memory of an execution, where measured",
+            )
+            .buckets(exponential(1024.0 * 1024.0, 2.0, 12)),
+            &["runtime"],
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "mde_requests_rejected_total",
+                "Requests turned away before any code ran, by reason",
+            ),
+            &["reason"],
+        )?;
+        let runtime_available = GaugeVec::new(
+            Opts::new(
+                "mde_runtime_available",
+                "1 when a configured runtime can run here, else 0",
+            ),
+            &["runtime"],
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "mde_runtimes_reloads_total",
+                "Reloads of runtimes.toml, by result",
+            ),
+            &["result"],
+        )?;
+        let last_reload_ok = Gauge::new(
+            "mde_runtimes_last_reload_success",
+            "1 when the latest runtimes.toml (re)load succeeded, else 0",
+        )?;
+        let build_info = GaugeVec::new(
+            Opts::new(
+                "mde_build_info",
+                "Always 1; labelled with the daemon's version",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1.0);
+        capacity.set(slots as i64);
+        queue_capacity.set(queue as i64);
+        last_reload_ok.set(1.0);
+        for result in ["success", "failure"] {
+            reloads.with_label_values(&[result]);
+        }
+        for reason in RejectReason::ALL {
+            rejected.with_label_values(&[reason.as_str()]);
+        }
+
+        registry.register(Box::new(executions.clone()))?;
+        registry.register(Box::new(failures.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(queue_wait.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(capacity))?;
+        registry.register(Box::new(queue_capacity))?;
+        registry.register(Box::new(output_bytes.clone()))?;
+        registry.register(Box::new(peak_memory.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(runtime_available.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(last_reload_ok.clone()))?;
+        registry.register(Box::new(build_info))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        Ok(Arc::new(Metrics {
+            registry,
+            executions,
+            failures,
+            duration,
+            queue_wait,
+            in_flight,
+            queue_depth,
+            output_bytes,
+            peak_memory,
+            rejected,
+            runtime_available,
+            reloads,
+            last_reload_ok,
+        }))
+    }
+
+    /// Publish availability for the current runtime set and create every runtime's
+    /// outcome series at 0, so `increase()` sees the first event after a start.
+    pub fn set_runtimes(&self, set: &RuntimeSet) {
+        self.runtime_available.reset();
+        for runtime in &set.runtimes {
+            let available = if runtime.availability.available {
+                1.0
+            } else {
+                0.0
+            };
+            self.runtime_available
+                .with_label_values(&[runtime.name.as_str()])
+                .set(available);
+            for status in StageStatus::ALL {
+                self.executions
+                    .with_label_values(&[runtime.name.as_str(), status.as_str()]);
+            }
+        }
+    }
+
+    pub fn rejected(&self, reason: RejectReason) {
+        self.rejected.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// The text exposition of every metric. The gauges of running and waiting executions
+    /// are read from the executor at scrape time, so they can never drift.
+    pub fn render(&self, in_flight: usize, waiting: usize) -> Result<String, String> {
+        self.in_flight.set(in_flight as i64);
+        self.queue_depth.set(waiting as i64);
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .map_err(|e| e.to_string())?;
+        String::from_utf8(buf).map_err(|e| e.to_string())
+    }
+}
+
+impl ExecutionObserver for Metrics {
+    fn dequeued(&self, wait: Duration, _admitted: bool) {
+        self.queue_wait.observe(wait.as_secs_f64());
+    }
+
+    fn rejected_busy(&self) {
+        self.rejected(RejectReason::Busy);
+    }
+
+    fn finished(&self, runtime: &str, report: &ExecutionReport, elapsed: Duration) {
+        let status = report.status();
+        self.executions
+            .with_label_values(&[runtime, status.as_str()])
+            .inc();
+        if status != StageStatus::Ok {
+            self.failures
+                .with_label_values(&[runtime, status.as_str()])
+                .inc();
+        }
+        self.duration
+            .with_label_values(&[runtime])
+            .observe(elapsed.as_secs_f64());
+        self.output_bytes
+            .with_label_values(&[runtime])
+            .observe(report.output_bytes() as f64);
+        if let Some(peak) = report.peak_memory_bytes() {
+            self.peak_memory
+                .with_label_values(&[runtime])
+                .observe(peak as f64);
+        }
+    }
+}
+
+impl ReloadObserver for Metrics {
+    fn reloaded(&self, result: Result<&RuntimeSet, &str>) {
+        match result {
+            Ok(set) => {
+                self.reloads.with_label_values(&["success"]).inc();
+                self.last_reload_ok.set(1.0);
+                self.set_runtimes(set);
+            }
+            Err(_) => {
+                self.reloads.with_label_values(&["failure"]).inc();
+                self.last_reload_ok.set(0.0);
+            }
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! The `runtimes.toml` file format. Unknown keys are errors, so a typo never passes silently.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::config::BackendKind;
+use crate::execution::LimitsOverride;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimesFile {
+    /// Name of the runtime used when a request names none.
+    pub default: String,
+    #[serde(rename = "runtime", default)]
+    pub runtimes: Vec<RuntimeEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeEntry {
+    /// Unique name used in requests (`"runtime": "python3"`).
+    pub name: String,
+    /// Other names that select this runtime; unique across all names and aliases.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// The language, for clients that group runtimes (`python`, `javascript`, `c`...).
+    pub language: String,
+    /// A declared version. Wins over `version_command`.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// A command whose output holds the version (`["python3", "--version"]`).
+    #[serde(default)]
+    pub version_command: Option<Vec<String>>,
+    /// Name given to a single submitted source file (`main.py`).
+    pub file_name: String,
+    /// The run command. `{file}` is the entry file's name and `{stem}` that name without its
+    /// extension; request `args` are appended.
+    pub run: Vec<String>,
+    /// An optional compile stage that runs before `run`, in the same work dir.
+    #[serde(default)]
+    pub compile: Option<CompileEntry>,
+    /// Extra environment for both stages (the sandbox starts from an empty one).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Extra host paths bound read-only into the sandbox (missing ones are skipped).
+    #[serde(default)]
+    pub ro_binds: Vec<PathBuf>,
+    /// Defaults for this runtime's run stage, replacing the server's `[limits]`.
+    #[serde(default)]
+    pub limits: LimitsOverride,
+    /// Ceilings for this runtime's requests, below the server's `[max_limits]`.
+    #[serde(default)]
+    pub max_limits: LimitsOverride,
+    /// Run this runtime under another backend than the server's.
+    #[serde(default)]
+    pub backend: Option<BackendKind>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompileEntry {
+    /// The compile command; same placeholders as `run`.
+    pub command: Vec<String>,
+    /// Limits for the compile stage, replacing the server's `[compile_limits]`.
+    #[serde(default)]
+    pub limits: LimitsOverride,
+}

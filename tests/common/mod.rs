@@ -1,0 +1,154 @@
+//! Shared test environment: an app built from the repo's real runtimes.toml, request
+//! helpers that return status + JSON, and a bound on every async test.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mixed_docker_executor::app::App;
+use mixed_docker_executor::config::Settings;
+use poem::EndpointExt;
+use poem::endpoint::BoxEndpoint;
+use poem::test::TestClient;
+use serde_json::Value;
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Settings for tests: the repo's runtimes, two slots, no file watching.
+pub fn test_settings() -> Settings {
+    let mut s = Settings::default();
+    s.runtimes.file = repo_path("runtimes.toml");
+    s.runtimes.watch = false;
+    s.execution.max_concurrent = 2;
+    s
+}
+
+pub struct TestApp {
+    pub app: App,
+    pub client: TestClient<BoxEndpoint<'static, poem::Response>>,
+}
+
+pub async fn app_with(settings: Settings) -> TestApp {
+    let app = App::build(settings).await.expect("app builds");
+    TestApp {
+        client: TestClient::new(app.endpoint().boxed()),
+        app,
+    }
+}
+
+pub async fn app_for_tests() -> TestApp {
+    app_with(test_settings()).await
+}
+
+/// Fail the test instead of hanging CI.
+pub async fn bounded<T>(secs: u64, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .unwrap_or_else(|_| panic!("test exceeded {secs} s"))
+}
+
+impl TestApp {
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self.client.post(path).body_json(body).send().await;
+        let status = resp.0.status().as_u16();
+        let json = resp
+            .0
+            .into_body()
+            .into_json::<Value>()
+            .await
+            .expect("the response body is JSON");
+        (status, json)
+    }
+
+    pub async fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(path)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        let status = resp.0.status().as_u16();
+        let json = resp
+            .0
+            .into_body()
+            .into_json::<Value>()
+            .await
+            .expect("the response body is JSON");
+        (status, json)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let resp = self.client.get(path).send().await;
+        let status = resp.0.status().as_u16();
+        let text = resp.0.into_body().into_string().await.expect("text body");
+        (status, text)
+    }
+
+    /// `POST /submit_code`, expecting 200.
+    pub async fn submit(&self, code: &str, runtime: Option<&str>) -> Value {
+        let mut body = serde_json::json!({ "code": code });
+        if let Some(r) = runtime {
+            body["runtime"] = r.into();
+        }
+        let (status, json) = self.post("/submit_code", &body).await;
+        assert_eq!(status, 200, "unexpected answer: {json}");
+        json
+    }
+
+    /// `POST /api/v1/execute`, expecting 200.
+    pub async fn execute(&self, body: Value) -> Value {
+        let (status, json) = self.post("/api/v1/execute", &body).await;
+        assert_eq!(status, 200, "unexpected answer: {json}");
+        json
+    }
+}
+
+/// Processes whose command line contains `marker` (used to prove nothing is left behind).
+pub fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+            continue;
+        };
+        if pid == std::process::id().to_string() {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if text.contains(marker) {
+                found.push(format!("{pid}: {text}"));
+            }
+        }
+    }
+    found
+}
+
+/// Wait up to `secs` for no process to carry `marker`.
+pub async fn assert_no_process_with(marker: &str, secs: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let left = processes_with(marker);
+        if left.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("processes left behind: {left:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether `program` is installed where the sandbox looks.
+pub fn installed(program: &str) -> bool {
+    ["/usr/local/bin", "/usr/bin", "/bin"]
+        .iter()
+        .any(|d| std::path::Path::new(d).join(program).exists())
+}
