@@ -34,7 +34,10 @@ async fn syntax_error_is_a_failure_with_the_message_in_error() {
         assert_eq!(r["output"], "");
         assert_eq!(r["return_code"], 1);
         assert_eq!(r["timeout"], false);
-        assert!(r["error"].as_str().unwrap_or("").contains("SyntaxError"), "{r}");
+        assert!(
+            r["error"].as_str().unwrap_or("").contains("SyntaxError"),
+            "{r}"
+        );
     })
     .await;
 }
@@ -47,7 +50,13 @@ async fn runtime_exception_keeps_stdout_and_traceback() {
         assert_eq!(r["status"], "failure");
         assert_eq!(r["output"], "before\n");
         assert_eq!(r["return_code"], 1);
-        assert!(r["error"].as_str().unwrap_or("").contains("ZeroDivisionError"), "{r}");
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("ZeroDivisionError"),
+            "{r}"
+        );
     })
     .await;
 }
@@ -124,7 +133,13 @@ async fn output_flood_is_cut_and_flagged() {
         assert_eq!(r["timeout"], false);
         let output = r["output"].as_str().unwrap_or_default();
         assert_eq!(output.len(), 64 * 1024);
-        assert!(r["error"].as_str().unwrap_or("").contains("OutputLimitExceeded"), "{r}");
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("OutputLimitExceeded"),
+            "{r}"
+        );
     })
     .await;
 }
@@ -134,7 +149,10 @@ async fn non_utf8_output_does_not_break_the_response() {
     bounded(30, async {
         let t = app_for_tests().await;
         let r = t
-            .submit("import sys\nsys.stdout.buffer.write(b'ok \\xff\\xfe end\\n')", None)
+            .submit(
+                "import sys\nsys.stdout.buffer.write(b'ok \\xff\\xfe end\\n')",
+                None,
+            )
             .await;
         assert_eq!(r["status"], "success");
         assert_eq!(r["output"], "ok \u{fffd}\u{fffd} end\n");
@@ -185,7 +203,13 @@ async fn malformed_json_and_missing_code_are_400_json() {
         let (status, body) = t.post("/submit_code", &json!({"runtime": "python3"})).await;
         assert_eq!(status, 400);
         assert_eq!(body["code"], "bad_request");
-        assert!(body["message"].as_str().unwrap_or("").contains("required field"), "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("required field"),
+            "{body}"
+        );
     })
     .await;
 }

@@ -11,6 +11,7 @@ use super::{ApiTags, AppState};
 pub struct Health {
     /// Always `ok` when the daemon answers.
     pub status: String,
+    /// The daemon's version.
     pub version: String,
     /// The default sandbox backend: `bwrap` or `process`.
     pub backend: String,
@@ -49,11 +50,15 @@ pub struct Readiness {
     pub ready: bool,
     /// Executions that can run at once.
     pub slots: u64,
+    /// Executions running now.
     pub running: u64,
-    /// Submissions waiting for a slot, and how many may wait.
+    /// Submissions waiting for a slot.
     pub waiting: u64,
+    /// How many submissions may wait before new ones get 429.
     pub queue_capacity: u64,
+    /// Runtimes configured in runtimes.toml.
     pub runtimes_total: u64,
+    /// Runtimes whose commands are installed.
     pub runtimes_available: u64,
     /// The error of the latest runtimes.toml reload if it failed (the previous
     /// definitions stay active); absent when it succeeded.

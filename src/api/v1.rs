@@ -159,9 +159,12 @@ pub struct StageResult {
     /// stdout, as UTF-8 text or, when it is not valid UTF-8, base64 (see `stdout_encoding`).
     pub stdout: String,
     pub stdout_encoding: Encoding,
+    /// True when stdout was cut at the output limit.
     pub stdout_truncated: bool,
+    /// stderr, encoded like stdout (see `stderr_encoding`).
     pub stderr: String,
     pub stderr_encoding: Encoding,
+    /// True when stderr was cut at the output limit.
     pub stderr_truncated: bool,
     /// The exit code; absent when a signal ended the process.
     pub exit_code: Option<i32>,
@@ -170,6 +173,7 @@ pub struct StageResult {
     /// The limit that ended the stage: `wall_time`, `cpu_time`, `memory`, `output` or
     /// `file_size`.
     pub limit: Option<String>,
+    /// Wall-clock time of the stage in milliseconds, sandbox set-up included.
     pub wall_time_ms: u64,
     /// CPU time (user + system) of the stage's processes.
     pub cpu_time_ms: Option<u64>,
@@ -185,6 +189,7 @@ pub struct StageResult {
 pub struct ExecuteResponse {
     /// The runtime that ran (its name, even when an alias was asked for).
     pub runtime: String,
+    /// The runtime's version.
     pub version: Option<String>,
     /// The outcome of the submission: the run stage's, or the compile stage's when it failed.
     pub status: Status,
@@ -430,13 +435,21 @@ fn to_response(
 /// A set of limits.
 #[derive(Debug, Object)]
 pub struct LimitsInfo {
+    /// Wall-clock time in milliseconds; the whole process tree is killed after it.
     pub wall_time_ms: u64,
+    /// CPU time per process in milliseconds (RLIMIT_CPU, whole seconds).
     pub cpu_time_ms: u64,
+    /// Memory in bytes (memory cgroup, or RLIMIT_AS as a fallback).
     pub memory_bytes: u64,
+    /// Processes and threads (RLIMIT_NPROC of the slot's own uid).
     pub processes: u64,
+    /// Largest file the program may write, in bytes (RLIMIT_FSIZE).
     pub file_size_bytes: u64,
+    /// Open file descriptors per process (RLIMIT_NOFILE).
     pub open_files: u64,
+    /// Bytes kept per output stream; more stops the program (`output_limit`).
     pub output_bytes: u64,
+    /// Size of the work dir plus /tmp in bytes (a sized tmpfs).
     pub workdir_bytes: u64,
 }
 
@@ -458,8 +471,11 @@ impl From<&Limits> for LimitsInfo {
 /// A configured runtime.
 #[derive(Debug, Object)]
 pub struct RuntimeInfo {
+    /// The name requests use.
     pub name: String,
+    /// Other names that select this runtime.
     pub aliases: Vec<String>,
+    /// The language (`python`, `javascript`, `c`...).
     pub language: String,
     /// Detected from the interpreter or declared in runtimes.toml.
     pub version: Option<String>,
@@ -469,6 +485,7 @@ pub struct RuntimeInfo {
     pub compiled: bool,
     /// The name a single submitted file is saved as.
     pub file_name: String,
+    /// Whether the runtime's commands are installed here.
     pub available: bool,
     /// Why the runtime is unavailable.
     pub unavailable_reason: Option<String>,

@@ -1,0 +1,166 @@
+//! The real binary on a free port: start-up, serving, refusing to start insecurely, and a
+//! clean shutdown on SIGTERM.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bounded, repo_path};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+struct Daemon {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn command(port: u16) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mixed-docker-executor"));
+    cmd.current_dir(repo_path(""))
+        .env("MDE_SERVER__PORT", port.to_string())
+        .env("MDE_RUNTIMES__WATCH", "false")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+async fn start(extra_env: &[(&str, &str)]) -> Daemon {
+    let port = free_port();
+    let mut cmd = command(port);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("the binary starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let mut daemon = Daemon { child, base };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(resp) = reqwest::get(format!("{}/health", daemon.base)).await {
+            if resp.status().is_success() {
+                return daemon;
+            }
+        }
+        if let Ok(Some(status)) = daemon.child.try_wait() {
+            panic!("daemon exited early with {status}");
+        }
+        assert!(Instant::now() < deadline, "daemon did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn serves_the_original_contract_and_stops_on_sigterm() {
+    bounded(60, async {
+        let mut daemon = start(&[]).await;
+        let client = reqwest::Client::new();
+        let resp = client
+            .post(format!("{}/submit_code", daemon.base))
+            .json(&serde_json::json!({"code": "print(\"Hello from FastAPI!\")"}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().contains_key("x-request-id"));
+        let body: serde_json::Value = resp.json().await.expect("json");
+        assert_eq!(body["output"], "Hello from FastAPI!\n");
+        assert_eq!(body["status"], "success");
+
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = daemon.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "no exit after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.success(), "exit status {status}");
+        let mut log = String::new();
+        if let Some(mut err) = daemon.child.stdout.take() {
+            std::io::Read::read_to_string(&mut err, &mut log).expect("log");
+        }
+        assert!(log.contains("submission finished"), "log: {log}");
+        assert!(log.contains("request_id"), "log: {log}");
+    })
+    .await;
+}
+
+#[test]
+fn refuses_to_start_without_bubblewrap_and_says_how_to_fix_it() {
+    let output = command(free_port())
+        .env("MDE_SANDBOX__BWRAP_PATH", "/nonexistent/bwrap")
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("apt-get install bubblewrap"), "{text}");
+    assert!(text.contains("MDE_SANDBOX__BACKEND=process"), "{text}");
+}
+
+#[test]
+fn bad_configuration_stops_start_up_naming_the_key() {
+    let output = command(free_port())
+        .env("MDE_LIMITS__WALL_TIME_MS", "0")
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("limits.wall_time_ms"), "{text}");
+}
+
+#[tokio::test]
+async fn the_process_backend_warns_loudly() {
+    bounded(60, async {
+        let mut daemon = start(&[("MDE_SANDBOX__BACKEND", "process")]).await;
+        let health: serde_json::Value = reqwest::get(format!("{}/health", daemon.base))
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(health["isolation"], false);
+        assert!(
+            health["warnings"][0]
+                .as_str()
+                .unwrap_or("")
+                .contains("isolation is OFF")
+        );
+        let _ = daemon.child.kill();
+        let mut log = String::new();
+        if let Some(mut out) = daemon.child.stdout.take() {
+            std::io::Read::read_to_string(&mut out, &mut log).expect("log");
+        }
+        assert!(log.contains("ISOLATION IS OFF"), "{log}");
+    })
+    .await;
+}
+
+#[test]
+fn prints_the_openapi_spec() {
+    let output = Command::new(env!("CARGO_BIN_EXE_mixed-docker-executor"))
+        .arg("openapi")
+        .output()
+        .expect("runs");
+    assert!(output.status.success());
+    let spec: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(spec["info"]["title"], "mixed-docker-executor");
+}
