@@ -17,6 +17,8 @@ pub(crate) enum CgroupVersion {
 pub(crate) struct MemoryCgroup {
     dir: PathBuf,
     version: CgroupVersion,
+    /// v1 keeps CPU accounting in a separate `cpuacct` hierarchy; v2 has it in `dir`.
+    cpuacct_dir: Option<PathBuf>,
 }
 
 /// Where new memory cgroups can be made: under the daemon's own cgroup, so the host's
@@ -25,6 +27,8 @@ pub(crate) struct MemoryCgroup {
 pub(crate) struct CgroupRoot {
     pub(crate) dir: PathBuf,
     pub(crate) version: CgroupVersion,
+    /// v1 only: where the per-slot `cpuacct` cgroups go, when that hierarchy is writable.
+    pub(crate) cpuacct_dir: Option<PathBuf>,
 }
 
 impl CgroupRoot {
@@ -63,7 +67,9 @@ impl CgroupRoot {
                 })
                 .unwrap_or("/");
             let parent = v1.join(own.trim_start_matches('/'));
-            return make_root(parent.join(name), CgroupVersion::V1, &parent);
+            let mut root = make_root(parent.join(name), CgroupVersion::V1, &parent)?;
+            root.cpuacct_dir = v1_cpuacct_root(&self_cgroup, name);
+            return Ok(root);
         }
         Err("no memory cgroup controller is mounted".into())
     }
@@ -79,15 +85,48 @@ impl CgroupRoot {
             // Keep runs out of swap so the memory limit means what it says.
             let _ = write_file(&dir.join("memory.swap.max"), "0");
         }
+        let cpuacct_dir = match (&self.cpuacct_dir, self.version) {
+            (_, CgroupVersion::V2) => Some(dir.clone()),
+            (Some(root), CgroupVersion::V1) => {
+                let d = root.join(format!("slot-{index}"));
+                (std::fs::create_dir(&d).is_ok() || d.is_dir()).then_some(d)
+            }
+            (None, CgroupVersion::V1) => None,
+        };
         Ok(MemoryCgroup {
             dir,
             version: self.version,
+            cpuacct_dir,
         })
     }
 
     pub(crate) fn remove(&self) {
         let _ = std::fs::remove_dir(&self.dir);
+        if let Some(d) = &self.cpuacct_dir {
+            let _ = std::fs::remove_dir(d);
+        }
     }
+}
+
+/// The v1 `cpuacct` hierarchy beside the memory one, for CPU time of whole process trees
+/// (rusage misses processes that bubblewrap's init never reaps).
+fn v1_cpuacct_root(self_cgroup: &str, name: &str) -> Option<PathBuf> {
+    let own = self_cgroup.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let _id = parts.next()?;
+        let controllers = parts.next()?;
+        let path = parts.next()?;
+        controllers
+            .split(',')
+            .any(|c| c == "cpuacct")
+            .then_some(path)
+    })?;
+    let mount = ["/sys/fs/cgroup/cpuacct", "/sys/fs/cgroup/cpu,cpuacct"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.join("cpuacct.usage").exists())?;
+    let dir = mount.join(own.trim_start_matches('/')).join(name);
+    (std::fs::create_dir(&dir).is_ok() || dir.is_dir()).then_some(dir)
 }
 
 fn make_root(base: PathBuf, version: CgroupVersion, parent: &Path) -> Result<CgroupRoot, String> {
@@ -113,7 +152,11 @@ fn make_root(base: PathBuf, version: CgroupVersion, parent: &Path) -> Result<Cgr
             parent.display()
         ));
     }
-    Ok(CgroupRoot { dir: base, version })
+    Ok(CgroupRoot {
+        dir: base,
+        version,
+        cpuacct_dir: None,
+    })
 }
 
 fn write_file(path: &Path, value: &str) -> std::io::Result<()> {
@@ -131,6 +174,31 @@ impl MemoryCgroup {
     /// `cgroup.procs`: the runner writes the child's pid here before exec.
     pub(crate) fn procs_path(&self) -> PathBuf {
         self.dir.join("cgroup.procs")
+    }
+
+    /// Every `cgroup.procs` the child must join (memory, and v1's cpuacct).
+    pub(crate) fn all_procs_paths(&self) -> Vec<PathBuf> {
+        let mut paths = vec![self.procs_path()];
+        if let Some(d) = self.cpuacct_dir.as_ref().filter(|d| **d != self.dir) {
+            paths.push(d.join("cgroup.procs"));
+        }
+        paths
+    }
+
+    /// CPU time used by everything that ever ran in the cgroup (compare two readings).
+    pub(crate) fn cpu_usage(&self) -> Option<std::time::Duration> {
+        let dir = self.cpuacct_dir.as_ref()?;
+        match self.version {
+            CgroupVersion::V1 => {
+                read_u64(&dir.join("cpuacct.usage")).map(std::time::Duration::from_nanos)
+            }
+            CgroupVersion::V2 => std::fs::read_to_string(dir.join("cpu.stat"))
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse().ok())
+                .map(std::time::Duration::from_micros),
+        }
     }
 
     /// Set the limit for the next run and reset its peak and OOM counters' baseline.
@@ -210,6 +278,9 @@ impl MemoryCgroup {
 
     pub(crate) fn remove(&self) {
         self.kill_all();
+        if let Some(d) = self.cpuacct_dir.as_ref().filter(|d| **d != self.dir) {
+            let _ = std::fs::remove_dir(d);
+        }
         // rmdir fails while the last killed processes are still exiting; retry briefly.
         for _ in 0..50 {
             if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {

@@ -23,6 +23,10 @@ pub struct ExecutorInfo {
     pub sized_workdir: bool,
     pub slots: usize,
     pub queue: usize,
+    /// This daemon's work root (slot dirs live below it); removed at shutdown.
+    pub work_root: std::path::PathBuf,
+    /// This daemon's memory cgroup, when one is used; removed at shutdown.
+    pub cgroup_dir: Option<std::path::PathBuf>,
 }
 
 impl ExecutorInfo {
@@ -89,6 +93,8 @@ impl Executor {
             sized_workdir: self.slots.sized_workdir,
             slots: self.slots.slots.len(),
             queue: self.queue,
+            work_root: self.slots.root.clone(),
+            cgroup_dir: self.slots.cgroup_dir(),
         }
     }
 

@@ -118,17 +118,21 @@ struct Exit {
 /// Run one stage to completion. Never panics; spawn failures become `InternalError`.
 pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> StageReport {
     let limits = ctx.limits;
-    let cgroup_procs = match ctx.cgroup {
-        Some(cg) => match std::fs::OpenOptions::new()
-            .write(true)
-            .open(cg.procs_path())
-        {
-            Ok(f) => Some(f),
-            Err(e) => return StageReport::internal(format!("opening cgroup.procs: {e}"), limits),
-        },
-        None => None,
-    };
+    let mut cgroup_procs = Vec::new();
+    for path in ctx
+        .cgroup
+        .map(MemoryCgroup::all_procs_paths)
+        .unwrap_or_default()
+    {
+        match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(f) => cgroup_procs.push(f),
+            Err(e) => {
+                return StageReport::internal(format!("opening {}: {e}", path.display()), limits);
+            }
+        }
+    }
     let oom_before = ctx.cgroup.map(MemoryCgroup::oom_kills).unwrap_or(0);
+    let cpu_before = ctx.cgroup.and_then(MemoryCgroup::cpu_usage);
 
     let mut command = std::process::Command::new(&cmd.program);
     command
@@ -141,7 +145,7 @@ pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> Stage
         .stderr(Stdio::piped())
         .process_group(0);
     let limits_list = rlimits(&ctx);
-    let cgroup_fd = cgroup_procs.as_ref().map(|f| f.as_raw_fd());
+    let cgroup_fds: Vec<c_int> = cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
     let pass_fds: Vec<c_int> = cmd.pass_fds.iter().map(AsRawFd::as_raw_fd).collect();
     let uid = ctx.uid;
     // SAFETY: the closure runs in the child between fork and exec. It only makes
@@ -150,9 +154,9 @@ pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> Stage
     unsafe {
         command.pre_exec(move || {
             // 1. Join the slot's memory cgroup first, so every later process is inside it.
-            if let Some(fd) = cgroup_fd {
-                let mut buf = [0u8; 16];
-                let pid = format_pid(libc::getpid() as u32, &mut buf);
+            let mut buf = [0u8; 16];
+            let pid = format_pid(libc::getpid() as u32, &mut buf);
+            for &fd in &cgroup_fds {
                 if libc::write(fd, pid.as_ptr().cast(), pid.len()) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -285,7 +289,11 @@ pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> Stage
         }
     }
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    let cpu_time = tv(exit.rusage.ru_utime) + tv(exit.rusage.ru_stime);
+    // The cgroup sees every process of the run; rusage only those reaped up the chain.
+    let cpu_time = match (cpu_before, ctx.cgroup.and_then(MemoryCgroup::cpu_usage)) {
+        (Some(before), Some(after)) => after.saturating_sub(before),
+        _ => tv(exit.rusage.ru_utime) + tv(exit.rusage.ru_stime),
+    };
     let peak_memory_bytes = ctx
         .cgroup
         .and_then(MemoryCgroup::peak_bytes)

@@ -47,7 +47,7 @@ pub(crate) struct Slot {
 }
 
 pub(crate) struct SlotPool {
-    root: PathBuf,
+    pub(crate) root: PathBuf,
     pub(crate) slots: Vec<Slot>,
     cgroup_root: Option<CgroupRoot>,
     pub(crate) memory: MemoryEnforcement,
@@ -143,6 +143,10 @@ impl SlotPool {
             });
         }
         Ok(pool)
+    }
+
+    pub(crate) fn cgroup_dir(&self) -> Option<PathBuf> {
+        self.cgroup_root.as_ref().map(|c| c.dir.clone())
     }
 
     /// Empty the slot's work dir and /tmp, size them, and write the submission's files.

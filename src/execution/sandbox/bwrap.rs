@@ -138,6 +138,9 @@ impl SandboxBackend for BwrapBackend {
                 ["--setenv".as_ref(), key.as_os_str(), value.as_os_str()],
             );
         }
+        // Everything mounted so far is in place: make the root itself read-only, so the
+        // only writable places are /box and /tmp (separate mounts, unaffected).
+        push(&mut args, ["--remount-ro".as_ref(), "/".as_ref()]);
         let mut pass_fds = Vec::with_capacity(self.seccomp.len());
         for program in &self.seccomp {
             let fd = memfd_with(program)?;

@@ -1,0 +1,349 @@
+//! The attack suite: each test is a hostile program sent through the HTTP API. Every one must
+//! be contained, get a clear outcome, and leave the daemon serving.
+
+mod common;
+
+use common::{TestApp, app_with, assert_no_process_with, bounded, test_settings};
+use serde_json::{Value, json};
+
+/// Run python `code` through /api/v1/execute with `limits`; returns the run stage.
+async fn run_py(t: &TestApp, code: &str, limits: Value) -> Value {
+    let r = t
+        .execute(json!({"runtime": "python3", "code": code, "limits": limits}))
+        .await;
+    r["run"].clone()
+}
+
+async fn still_serving(t: &TestApp) {
+    let r = t.submit("print('alive')", None).await;
+    assert_eq!(r["output"], "alive\n", "the daemon must keep serving: {r}");
+}
+
+#[tokio::test]
+async fn fork_bomb_is_contained_and_a_concurrent_run_completes() {
+    bounded(90, async {
+        let t = app_with(test_settings()).await;
+        let bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass";
+        let (bomb_result, other) = tokio::join!(
+            run_py(&t, bomb, json!({"wall_time_ms": 3000, "processes": 32})),
+            async {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                t.submit("print(sum(range(10)))", None).await
+            }
+        );
+        assert_eq!(bomb_result["status"], "timeout", "{bomb_result}");
+        assert_eq!(other["output"], "45\n", "the concurrent run must complete: {other}");
+        still_serving(&t).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn process_limit_is_enforced() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let code = "import os, time\nn = 0\ntry:\n    for _ in range(1000):\n        if os.fork() == 0:\n            time.sleep(5); os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('refused after', n, e.errno)";
+        let run = run_py(&t, code, json!({"processes": 10, "wall_time_ms": 4000})).await;
+        let out = run["stdout"].as_str().unwrap_or_default();
+        assert!(out.starts_with("refused after"), "{run}");
+        let n: u64 = out.split_whitespace().nth(2).and_then(|n| n.parse().ok()).unwrap_or(999);
+        assert!(n < 10, "forked {n} children with a limit of 10");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn memory_bomb_hits_the_memory_limit() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let run = run_py(
+            &t,
+            "chunks = []\nwhile True:\n    chunks.append(bytearray(8 * 1024 * 1024))",
+            json!({"memory_bytes": 64 * 1024 * 1024}),
+        )
+        .await;
+        let status = run["status"].as_str().unwrap_or_default();
+        // With a memory cgroup the kernel OOM-kills; with RLIMIT_AS python raises MemoryError.
+        assert!(
+            status == "memory_limit"
+                || run["stderr"].as_str().unwrap_or("").contains("MemoryError"),
+            "{run}"
+        );
+        if status == "memory_limit" {
+            assert_eq!(run["limit"], "memory");
+            let peak = run["peak_memory_bytes"].as_u64().unwrap_or(0);
+            assert!(peak <= 64 * 1024 * 1024 + 4096 * 1024, "peak {peak}");
+        }
+        still_serving(&t).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cpu_spin_is_stopped_by_the_cpu_limit() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let run = run_py(
+            &t,
+            "while True:\n    pass",
+            json!({"cpu_time_ms": 1000, "wall_time_ms": 20000}),
+        )
+        .await;
+        assert_eq!(run["status"], "timeout", "{run}");
+        assert_eq!(run["limit"], "cpu_time", "{run}");
+        assert!(
+            run["wall_time_ms"].as_u64().unwrap_or(u64::MAX) < 10_000,
+            "{run}"
+        );
+        assert!(run["cpu_time_ms"].as_u64().unwrap_or(0) >= 900, "{run}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn detached_grandchild_dies_with_the_wall_timeout() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let code = "import os, subprocess, time\n\
+                    if os.fork() == 0:\n    os.setsid()\n    subprocess.Popen(['sleep', '5151.5'], start_new_session=True)\n    os._exit(0)\n\
+                    time.sleep(1000)";
+        let run = run_py(&t, code, json!({"wall_time_ms": 1500})).await;
+        assert_eq!(run["status"], "timeout");
+        assert_eq!(run["limit"], "wall_time");
+        assert_no_process_with("5151.5", 5).await;
+        still_serving(&t).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn filling_the_work_dir_and_tmp_fails_inside_the_sandbox() {
+    bounded(60, async {
+        let mut s = test_settings();
+        s.limits.workdir_bytes = 8 * 1024 * 1024;
+        let t = app_with(s).await;
+        let code = "import errno\nfor path in ['fill.bin', '/tmp/fill.bin']:\n    try:\n        with open(path, 'wb') as f:\n            for _ in range(64):\n                f.write(b'x' * 1024 * 1024)\n        print(path, 'wrote everything')\n    except OSError as e:\n        print(path, errno.errorcode[e.errno])\n    import os\n    if os.path.exists(path): os.remove(path)";
+        let run = run_py(&t, code, json!({"file_size_bytes": 128 * 1024 * 1024})).await;
+        assert_eq!(run["stdout"], "fill.bin ENOSPC\n/tmp/fill.bin ENOSPC\n", "{run}");
+        still_serving(&t).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_file_over_the_size_limit_is_refused() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let code = "with open('big.bin', 'wb') as f:\n    f.write(b'x' * (2 * 1024 * 1024))\nprint('wrote it')";
+        let run = run_py(&t, code, json!({"file_size_bytes": 1024 * 1024})).await;
+        assert_eq!(run["status"], "runtime_error", "{run}");
+        // Python ignores SIGXFSZ, so it sees EFBIG and raises.
+        assert!(run["stderr"].as_str().unwrap_or("").contains("File too large"), "{run}");
+        assert_eq!(run["stdout"], "");
+        // A program that does not ignore SIGXFSZ is killed by it.
+        let r = t
+            .execute(json!({"runtime": "bash", "code": "head -c 2000000 /dev/zero > big.bin; echo after $?",
+                            "limits": {"file_size_bytes": 1024 * 1024}}))
+            .await;
+        assert_eq!(r["run"]["stdout"], "after 153\n", "SIGXFSZ is 25, 128+25 = 153: {r}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn opening_files_stops_at_the_limit() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let code = "files = []\ntry:\n    while True:\n        files.append(open('/dev/null'))\nexcept OSError as e:\n    print(len(files), e.errno)";
+        let run = run_py(&t, code, json!({"open_files": 32})).await;
+        let out = run["stdout"].as_str().unwrap_or_default();
+        let mut parts = out.split_whitespace();
+        let opened: u64 = parts.next().and_then(|n| n.parse().ok()).unwrap_or(999);
+        assert!(opened < 32, "{run}");
+        assert_eq!(parts.next(), Some("24"), "EMFILE expected: {run}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stdout_and_stderr_floods_are_cut() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        for (stream, flag) in [
+            ("sys.stdout", "stdout_truncated"),
+            ("sys.stderr", "stderr_truncated"),
+        ] {
+            let code = format!("import sys\nwhile True:\n    {stream}.write('y' * 4096)");
+            let run = run_py(&t, &code, json!({"output_bytes": 100_000})).await;
+            assert_eq!(run["status"], "output_limit", "{run}");
+            assert_eq!(run[flag], true);
+            assert_eq!(run["limit"], "output");
+            let field = if flag.starts_with("stdout") {
+                "stdout"
+            } else {
+                "stderr"
+            };
+            assert_eq!(run[field].as_str().unwrap_or("").len(), 100_000);
+        }
+        still_serving(&t).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn no_network_not_even_the_hosts_loopback() {
+    bounded(60, async {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+        let port = listener.local_addr().expect("addr").port();
+        let t = app_with(test_settings()).await;
+        let code = format!(
+            "import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n    print('connected')\nexcept OSError as e:\n    print('refused', type(e).__name__)\nprint(sorted(name for _, name in socket.if_nameindex()))"
+        );
+        let run = run_py(&t, &code, json!({})).await;
+        let out = run["stdout"].as_str().unwrap_or_default();
+        assert!(out.starts_with("refused"), "{run}");
+        assert!(out.ends_with("['lo']\n"), "only loopback may be visible: {run}");
+        drop(listener);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn host_secrets_and_the_repo_are_out_of_reach() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let repo = env!("CARGO_MANIFEST_DIR");
+        let daemon_pid = std::process::id();
+        let code = format!(
+            "import os\n\
+             for p in ['/etc/shadow', '/root/.bashrc', '{repo}/runtimes.toml', '{repo}/Cargo.toml', '/proc/{daemon_pid}/environ']:\n\
+             \x20   try:\n\
+             \x20       open(p).read(); print(p, 'READ')\n\
+             \x20   except OSError as e:\n\
+             \x20       print(p, 'blocked')\n\
+             env = b''\n\
+             for pid in [d for d in os.listdir('/proc') if d.isdigit()]:\n\
+             \x20   try: env += open(f'/proc/{{pid}}/environ', 'rb').read()\n\
+             \x20   except OSError: pass\n\
+             print('cargo env visible' if b'CARGO' in env else 'no daemon env')\n\
+             print('root dir', os.path.isdir('/root'))\n\
+             print('uid', os.getuid())"
+        );
+        let run = run_py(&t, &code, json!({})).await;
+        let out = run["stdout"].as_str().unwrap_or_default();
+        assert!(!out.contains("READ"), "{run}");
+        assert!(out.contains("no daemon env"), "{run}");
+        assert!(out.contains("root dir False"), "{run}");
+        assert!(!out.contains("uid 0\n"), "must not run as root: {run}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_daemon_cannot_be_killed_or_traced() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let pid = std::process::id();
+        let code = format!(
+            "import os, signal, ctypes\n\
+             try:\n    os.kill({pid}, signal.SIGKILL); print('kill sent')\nexcept OSError as e:\n    print('kill', type(e).__name__)\n\
+             libc = ctypes.CDLL(None, use_errno=True)\n\
+             print('ptrace', libc.ptrace(16, {pid}, 0, 0), ctypes.get_errno())\n\
+             print('ptrace pid1', libc.ptrace(16, 1, 0, 0))"
+        );
+        let run = run_py(&t, &code, json!({})).await;
+        let out = run["stdout"].as_str().unwrap_or_default();
+        assert!(out.contains("kill ProcessLookupError"), "{run}");
+        assert!(out.contains("ptrace -1"), "{run}");
+        assert!(out.contains("ptrace pid1 -1"), "{run}");
+        still_serving(&t).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn mount_unshare_and_setuid_are_denied() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let code = "import os, ctypes\n\
+                    libc = ctypes.CDLL(None, use_errno=True)\n\
+                    print('mount', libc.mount(b'none', b'/tmp', b'tmpfs', 0, None))\n\
+                    print('unshare', libc.unshare(0x10000000))\n\
+                    print('unshare-net', libc.unshare(0x40000000))\n\
+                    print('chroot', libc.chroot(b'/tmp'))\n\
+                    try:\n    os.setuid(0); print('setuid ok')\nexcept OSError as e:\n    print('setuid refused')";
+        let run = run_py(&t, code, json!({})).await;
+        assert_eq!(
+            run["stdout"],
+            "mount -1\nunshare -1\nunshare-net -1\nchroot -1\nsetuid refused\n",
+            "{run}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn writing_outside_the_work_dir_fails() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let code = "for p in ['/usr/evil', '/etc/evil', '/evil', '/proc/evil', '/box/ok', '/tmp/ok']:\n    try:\n        open(p, 'w').write('x'); print(p, 'written')\n    except OSError:\n        print(p, 'denied')";
+        let run = run_py(&t, code, json!({})).await;
+        assert_eq!(
+            run["stdout"],
+            "/usr/evil denied\n/etc/evil denied\n/evil denied\n/proc/evil denied\n/box/ok written\n/tmp/ok written\n",
+            "{run}"
+        );
+        assert!(!std::path::Path::new("/usr/evil").exists());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn symlinks_to_host_files_lead_nowhere() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let before = std::fs::read("/etc/passwd").expect("host passwd");
+        let code = "import os\nos.symlink('/etc/passwd', 'link')\ntry:\n    open('link', 'a').write('pwned')\n    print('wrote through link')\nexcept OSError as e:\n    print('blocked', type(e).__name__)";
+        let run = run_py(&t, code, json!({})).await;
+        assert!(run["stdout"].as_str().unwrap_or("").starts_with("blocked"), "{run}");
+        // The next run gets a fresh work dir: the link is gone, and the daemon never followed it.
+        let run = run_py(&t, "import os\nprint(sorted(os.listdir('.')))", json!({})).await;
+        assert_eq!(run["stdout"], "['main.py']\n");
+        assert_eq!(std::fs::read("/etc/passwd").expect("host passwd"), before);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn closing_stdout_early_is_handled() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let code = "import os, sys, time\nprint('bye', flush=True)\nos.close(1)\ntime.sleep(0.3)\nsys.stderr.write('still here\\n')";
+        let run = run_py(&t, code, json!({})).await;
+        assert_eq!(run["stdout"], "bye\n", "{run}");
+        assert_eq!(run["stderr"], "still here\n", "{run}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn nothing_is_left_behind_after_an_attack_run() {
+    bounded(90, async {
+        let t = app_with(test_settings()).await;
+        let info = t.app.state.executor.info();
+        let code = "import os, subprocess\nfor _ in range(4):\n    subprocess.Popen(['sleep', '6161.5'])\nopen('/tmp/junk', 'w').write('x' * 1000)\nos.fork()\nwhile True: pass";
+        let run = run_py(&t, code, json!({"wall_time_ms": 1000})).await;
+        assert_eq!(run["status"], "timeout");
+        assert_no_process_with("6161.5", 5).await;
+        for slot in std::fs::read_dir(&info.work_root).expect("work root").flatten() {
+            let left: Vec<_> = std::fs::read_dir(slot.path()).expect("slot").flatten().collect();
+            assert!(left.is_empty(), "slot dir not emptied: {left:?}");
+        }
+        drop(t);
+        assert!(!info.work_root.exists(), "work root removed at shutdown");
+        if let Some(cg) = info.cgroup_dir {
+            assert!(!cg.exists(), "cgroup {} removed at shutdown", cg.display());
+        }
+    })
+    .await;
+}
