@@ -251,9 +251,7 @@ impl ExecutionObserver for Metrics {
         self.queue_wait.observe(wait.as_secs_f64());
     }
 
-    fn rejected_busy(&self) {
-        self.rejected(RejectReason::Busy);
-    }
+    // Busy rejections are counted with every other rejection, by the API's middleware.
 
     fn finished(&self, runtime: &str, report: &ExecutionReport, elapsed: Duration) {
         let status = report.status();

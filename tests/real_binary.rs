@@ -164,3 +164,37 @@ fn prints_the_openapi_spec() {
     let spec: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
     assert_eq!(spec["info"]["title"], "mixed-docker-executor");
 }
+
+#[tokio::test]
+async fn sighup_reloads_runtimes_toml() {
+    bounded(60, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("runtimes.toml");
+        let base = std::fs::read_to_string(repo_path("runtimes.toml")).expect("read");
+        std::fs::write(&file, &base).expect("write");
+        let daemon = start(&[("MDE_RUNTIMES__FILE", file.to_str().expect("utf-8 path"))]).await;
+        let names = || async {
+            reqwest::get(format!("{}/api/v1/runtimes", daemon.base))
+                .await
+                .expect("runtimes")
+                .text()
+                .await
+                .expect("text")
+        };
+        assert!(!names().await.contains("\"awk\""));
+        std::fs::write(
+            &file,
+            format!("{base}\n[[runtime]]\nname = \"awk\"\nlanguage = \"awk\"\nfile_name = \"main.awk\"\nrun = [\"awk\", \"-f\", \"{{file}}\"]\n"),
+        )
+        .expect("write");
+        // Watching is off for this daemon: only the signal can make it reload.
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !names().await.contains("\"awk\"") {
+            assert!(Instant::now() < deadline, "SIGHUP did not reload");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}

@@ -1,0 +1,530 @@
+//! `/api/v1`: runtimes, files, stdin, args, compile stages, limits, verdicts, typed errors,
+//! config-only runtimes and hot reload.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{app_for_tests, app_with, bounded, installed, test_settings};
+use serde_json::{Value, json};
+
+struct Lang {
+    runtime: &'static str,
+    tool: &'static str,
+    hello: &'static str,
+    echo: &'static str,
+    broken: Option<&'static str>,
+}
+
+const LANGS: &[Lang] = &[
+    Lang {
+        runtime: "python3",
+        tool: "python3",
+        hello: "print('hello')",
+        echo: "import sys\nprint(sys.stdin.read(), end='')",
+        broken: None,
+    },
+    Lang {
+        runtime: "node",
+        tool: "node",
+        hello: "console.log('hello')",
+        echo: "process.stdin.pipe(process.stdout)",
+        broken: None,
+    },
+    Lang {
+        runtime: "bash",
+        tool: "bash",
+        hello: "echo hello",
+        echo: "cat",
+        broken: None,
+    },
+    Lang {
+        runtime: "perl",
+        tool: "perl",
+        hello: "print \"hello\\n\";",
+        echo: "print while <STDIN>;",
+        broken: None,
+    },
+    Lang {
+        runtime: "ruby",
+        tool: "ruby",
+        hello: "puts 'hello'",
+        echo: "print STDIN.read",
+        broken: None,
+    },
+    Lang {
+        runtime: "php",
+        tool: "php",
+        hello: "<?php echo \"hello\\n\";",
+        echo: "<?php echo stream_get_contents(STDIN);",
+        broken: None,
+    },
+    Lang {
+        runtime: "lua",
+        tool: "lua5.4",
+        hello: "print('hello')",
+        echo: "io.write(io.read('a'))",
+        broken: None,
+    },
+    Lang {
+        runtime: "c",
+        tool: "gcc",
+        hello: "#include <stdio.h>\nint main(void){puts(\"hello\");return 0;}",
+        echo: "#include <stdio.h>\nint main(void){int c;while((c=getchar())!=EOF)putchar(c);return 0;}",
+        broken: Some("int main(void){return missing;}"),
+    },
+    Lang {
+        runtime: "cpp",
+        tool: "g++",
+        hello: "#include <iostream>\nint main(){std::cout<<\"hello\\n\";}",
+        echo: "#include <iostream>\nint main(){std::cout<<std::cin.rdbuf();}",
+        broken: Some("int main(){ undefined_thing(); }"),
+    },
+    Lang {
+        runtime: "java",
+        tool: "javac",
+        hello: "public class Main { public static void main(String[] a) { System.out.println(\"hello\"); } }",
+        echo: "public class Main { public static void main(String[] a) throws Exception { System.in.transferTo(System.out); } }",
+        broken: Some("public class Main { void f() { int x = \"no\"; } }"),
+    },
+    Lang {
+        runtime: "rust",
+        tool: "rustc",
+        hello: "fn main() { println!(\"hello\"); }",
+        echo: "use std::io::*; fn main() { let mut s = String::new(); stdin().read_to_string(&mut s).unwrap(); print!(\"{}\", s); }",
+        broken: Some("fn main() { let x: u32 = \"no\"; }"),
+    },
+    Lang {
+        runtime: "go",
+        tool: "go",
+        hello: "package main\nimport \"fmt\"\nfunc main() { fmt.Println(\"hello\") }",
+        echo: "package main\nimport (\"io\"; \"os\")\nfunc main() { io.Copy(os.Stdout, os.Stdin) }",
+        broken: Some("package main\nfunc main() { var x int = \"no\" }"),
+    },
+];
+
+async fn check_language(name: &str) {
+    let lang = LANGS.iter().find(|l| l.runtime == name).expect("listed");
+    if !installed(lang.tool) {
+        println!(
+            "SKIPPED: the {} toolchain (`{}`) is not installed",
+            lang.runtime, lang.tool
+        );
+        return;
+    }
+    let t = app_for_tests().await;
+    let r = t
+        .execute(json!({"runtime": lang.runtime, "code": lang.hello}))
+        .await;
+    assert_eq!(r["status"], "ok", "{name} hello: {r}");
+    assert_eq!(r["run"]["stdout"], "hello\n", "{name}: {r}");
+    assert_eq!(
+        r["compile"].is_object(),
+        lang.broken.is_some(),
+        "{name}: compile stage iff compiled"
+    );
+
+    let r = t
+        .execute(
+            json!({"runtime": lang.runtime, "code": lang.echo, "stdin": "line one\nline two\n"}),
+        )
+        .await;
+    assert_eq!(
+        r["run"]["stdout"], "line one\nline two\n",
+        "{name} echo: {r}"
+    );
+
+    if let Some(broken) = lang.broken {
+        let r = t
+            .execute(json!({"runtime": lang.runtime, "code": broken}))
+            .await;
+        assert_eq!(r["status"], "compile_error", "{name}: {r}");
+        assert_eq!(r["compile"]["status"], "compile_error");
+        assert!(
+            r["run"].is_null(),
+            "no run stage after a failed compile: {r}"
+        );
+        assert!(!r["compile"]["stderr"].as_str().unwrap_or("").is_empty());
+    }
+}
+
+macro_rules! language_tests {
+    ($($test:ident => $runtime:literal),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $test() {
+                bounded(180, check_language($runtime)).await;
+            }
+        )*
+    };
+}
+
+language_tests!(
+    lang_python3 => "python3",
+    lang_node => "node",
+    lang_bash => "bash",
+    lang_perl => "perl",
+    lang_ruby => "ruby",
+    lang_php => "php",
+    lang_lua => "lua",
+    lang_c => "c",
+    lang_cpp => "cpp",
+    lang_java => "java",
+    lang_rust => "rust",
+    lang_go => "go",
+);
+
+#[tokio::test]
+async fn several_files_args_and_an_entry_point() {
+    bounded(60, async {
+        let t = app_for_tests().await;
+        let r = t
+            .execute(json!({
+                "runtime": "python",
+                "files": [
+                    {"name": "util/helpers.py", "content": "def greet(n):\n    return f'hi {n}'\n"},
+                    {"name": "util/__init__.py", "content": ""},
+                    {"name": "app.py", "content": "import sys\nfrom util.helpers import greet\nprint(greet(sys.argv[1]), len(sys.argv) - 1)"},
+                    {"name": "data.bin", "content": "AAEC/w==", "encoding": "base64"}
+                ],
+                "entry": "app.py",
+                "args": ["world", "two words"]
+            }))
+            .await;
+        assert_eq!(r["run"]["stdout"], "hi world 2\n", "{r}");
+        assert_eq!(r["runtime"], "python3", "aliases resolve to the runtime's name");
+
+        let r = t
+            .execute(json!({"runtime": "python3", "files": [
+                {"name": "main.py", "content": "print(list(open('data.bin','rb').read()))"},
+                {"name": "data.bin", "content": "AAEC/w==", "encoding": "base64"}]}))
+            .await;
+        assert_eq!(r["run"]["stdout"], "[0, 1, 2, 255]\n", "{r}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn binary_output_comes_back_as_base64() {
+    bounded(60, async {
+        let t = app_for_tests().await;
+        let r = t
+            .execute(json!({"code": "import sys\nsys.stdout.buffer.write(b'\\x00\\xff\\xfe')\nsys.stderr.write('plain')"}))
+            .await;
+        assert_eq!(r["run"]["stdout"], "AP/+");
+        assert_eq!(r["run"]["stdout_encoding"], "base64");
+        assert_eq!(r["run"]["stderr"], "plain");
+        assert_eq!(r["run"]["stderr_encoding"], "utf8");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn results_carry_exit_signal_times_and_memory() {
+    bounded(60, async {
+        let t = app_for_tests().await;
+        let r = t
+            .execute(json!({"code": "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)"}))
+            .await;
+        assert_eq!(r["status"], "runtime_error", "{r}");
+        assert_eq!(r["run"]["signal"], 15, "{r}");
+        assert!(r["run"]["exit_code"].is_null());
+
+        let r = t
+            .execute(json!({"code": "x = sum(range(3_000_000))\nprint(x > 0)"}))
+            .await;
+        let run = &r["run"];
+        assert_eq!(run["exit_code"], 0);
+        assert!(run["wall_time_ms"].as_u64().is_some());
+        assert!(run["cpu_time_ms"].as_u64().unwrap_or(0) > 0, "{r}");
+        assert!(
+            run["peak_memory_bytes"].as_u64().unwrap_or(0) > 1_000_000,
+            "{r}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn expected_output_gives_a_verdict() {
+    bounded(60, async {
+        let t = app_for_tests().await;
+        let ok = t
+            .execute(json!({"code": "print('42   ')\nprint()", "expected_output": "42\n"}))
+            .await;
+        assert_eq!(ok["verdict"], "accepted", "{ok}");
+        let wrong = t
+            .execute(json!({"code": "print(41)", "expected_output": "42"}))
+            .await;
+        assert_eq!(wrong["verdict"], "wrong_answer");
+        let crashed = t
+            .execute(json!({"code": "1/0", "expected_output": "42"}))
+            .await;
+        assert!(
+            crashed["verdict"].is_null(),
+            "no verdict when the run failed"
+        );
+    })
+    .await;
+}
+
+async fn expect_422(t: &common::TestApp, body: Value, code: &str, mentions: &str) {
+    let (status, err) = t.post("/api/v1/execute", &body).await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["code"], code, "{err}");
+    assert!(
+        err["message"].as_str().unwrap_or("").contains(mentions),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn invalid_requests_get_typed_errors() {
+    bounded(60, async {
+        let t = app_for_tests().await;
+        for bad in ["/etc/passwd", "../escape.py", "a/../../b.py", ""] {
+            expect_422(
+                &t,
+                json!({"files": [{"name": bad, "content": "x"}]}),
+                "invalid_request",
+                "files[0]",
+            )
+            .await;
+        }
+        expect_422(
+            &t,
+            json!({"files": [{"name": "a.py", "content": "x"}, {"name": "a.py", "content": "y"}]}),
+            "invalid_request",
+            "duplicate",
+        )
+        .await;
+        expect_422(
+            &t,
+            json!({"files": [{"content": "!!", "encoding": "base64"}]}),
+            "invalid_request",
+            "base64",
+        )
+        .await;
+        expect_422(
+            &t,
+            json!({"code": "x", "files": []}),
+            "invalid_request",
+            "either",
+        )
+        .await;
+        expect_422(&t, json!({}), "invalid_request", "files").await;
+        expect_422(
+            &t,
+            json!({"code": "x", "entry": "nope.py"}),
+            "invalid_request",
+            "nope.py",
+        )
+        .await;
+        expect_422(
+            &t,
+            json!({"code": "x", "limits": {"wall_time_ms": 10_000_000}}),
+            "limit_exceeded",
+            "60000",
+        )
+        .await;
+        expect_422(
+            &t,
+            json!({"code": "x", "runtime": "brainfuck"}),
+            "unknown_runtime",
+            "brainfuck",
+        )
+        .await;
+        expect_422(
+            &t,
+            json!({"code": "x", "version": "2.7"}),
+            "version_mismatch",
+            "2.7",
+        )
+        .await;
+        let (status, err) = t.post_raw("/api/v1/execute", "[1,2").await;
+        assert_eq!(status, 400, "{err}");
+        assert_eq!(err["code"], "bad_request");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn version_selectors_match_prefixes() {
+    bounded(60, async {
+        let t = app_for_tests().await;
+        let (_, list) = t.get("/api/v1/runtimes").await;
+        let list: Value = serde_json::from_str(&list).expect("json");
+        let py = list
+            .as_array()
+            .and_then(|l| l.iter().find(|r| r["name"] == "python3"))
+            .expect("python3")
+            .clone();
+        let version = py["version"]
+            .as_str()
+            .expect("detected version")
+            .to_string();
+        let major = version.split('.').next().expect("major");
+        let r = t
+            .execute(json!({"code": "print(1)", "version": major}))
+            .await;
+        assert_eq!(r["version"], version.as_str());
+        assert_eq!(py["default"], true);
+        assert_eq!(py["compiled"], false);
+        assert!(py["limits"]["wall_time_ms"].as_u64().is_some());
+        assert!(py["max_limits"]["memory_bytes"].as_u64().is_some());
+        let c = list
+            .as_array()
+            .and_then(|l| l.iter().find(|r| r["name"] == "c"))
+            .expect("c");
+        assert_eq!(c["compiled"], true);
+        assert!(c["compile_limits"]["memory_bytes"].as_u64().is_some());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn requests_may_raise_limits_up_to_the_maximum() {
+    bounded(60, async {
+        let t = app_for_tests().await;
+        let r = t
+            .execute(
+                json!({"code": "import time; time.sleep(0.2); print('done')",
+                            "limits": {"wall_time_ms": 20000, "memory_bytes": 512 * 1024 * 1024}}),
+            )
+            .await;
+        assert_eq!(r["run"]["stdout"], "done\n");
+        let r = t
+            .execute(json!({"code": "import time; time.sleep(5)", "limits": {"wall_time_ms": 300}}))
+            .await;
+        assert_eq!(r["status"], "timeout");
+        assert!(r["run"]["wall_time_ms"].as_u64().unwrap_or(9999) < 3000);
+    })
+    .await;
+}
+
+fn runtimes_with(extra: &str) -> String {
+    let base = std::fs::read_to_string(common::repo_path("runtimes.toml")).expect("read");
+    format!("{base}\n{extra}")
+}
+
+const AWK: &str = "[[runtime]]\nname = \"awk\"\nlanguage = \"awk\"\nfile_name = \"main.awk\"\nrun = [\"awk\", \"-f\", \"{file}\"]\n";
+
+#[tokio::test]
+async fn a_new_language_is_config_only() {
+    bounded(60, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("runtimes.toml");
+        std::fs::write(&file, runtimes_with(AWK)).expect("write");
+        let mut s = test_settings();
+        s.runtimes.file = file;
+        let t = app_with(s).await;
+        let r = t
+            .execute(json!({"runtime": "awk", "code": "{ total += $1 } END { print total }", "stdin": "1\n2\n39\n"}))
+            .await;
+        assert_eq!(r["run"]["stdout"], "42\n", "{r}");
+    })
+    .await;
+}
+
+async fn wait_for(mut check: impl AsyncFnMut() -> bool, what: &str) {
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn runtimes_toml_is_hot_reloaded_and_bad_edits_are_rejected() {
+    bounded(90, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("runtimes.toml");
+        std::fs::write(&file, runtimes_with("")).expect("write");
+        let mut s = test_settings();
+        s.runtimes.file = file.clone();
+        s.runtimes.watch = true;
+        s.runtimes.watch_interval_ms = 50;
+        let t = app_with(s).await;
+        let _watcher = t.app.spawn_reloader();
+
+        // An execution in flight keeps the definitions it started with.
+        let in_flight = t.execute(json!({"runtime": "python3", "code": "import time; time.sleep(1.0); print('old defs')"}));
+        let edit = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            std::fs::write(&file, runtimes_with(AWK)).expect("write");
+        };
+        let (r, ()) = tokio::join!(in_flight, edit);
+        assert_eq!(r["run"]["stdout"], "old defs\n");
+        wait_for(async || t.get("/api/v1/runtimes").await.1.contains("\"awk\""), "awk to appear").await;
+        let r = t.execute(json!({"runtime": "awk", "code": "BEGIN { print 7 }"})).await;
+        assert_eq!(r["run"]["stdout"], "7\n");
+
+        // A broken file is refused: the old definitions stay, /ready and /metrics say so.
+        std::fs::write(&file, "default = \"python3\"\n[[runtime]]\nname = 1\n").expect("write");
+        let reload_error = async || {
+            let (_, body) = t.get("/ready").await;
+            serde_json::from_str::<Value>(&body).map(|v| v["last_reload_error"].clone()).unwrap_or(Value::Null)
+        };
+        wait_for(async || !reload_error().await.is_null(), "the failed reload to show").await;
+        let (status, ready) = t.get("/ready").await;
+        assert_eq!(status, 200, "still ready on the old definitions: {ready}");
+        assert!(ready.contains("runtimes.toml"), "{ready}");
+        let (_, metrics) = t.get("/metrics").await;
+        assert!(metrics.contains("mde_runtimes_last_reload_success 0"), "{metrics}");
+        assert!(metrics.contains("mde_runtimes_reloads_total{result=\"failure\"} 1"), "{metrics}");
+        let r = t.execute(json!({"runtime": "awk", "code": "BEGIN { print 8 }"})).await;
+        assert_eq!(r["run"]["stdout"], "8\n", "old definitions still active");
+
+        // Fixing the file recovers.
+        std::fs::write(&file, runtimes_with("")).expect("write");
+        wait_for(async || reload_error().await.is_null(), "recovery").await;
+        let (status, _) = t.post("/api/v1/execute", &json!({"runtime": "awk", "code": "x"})).await;
+        assert_eq!(status, 422, "awk is gone after the reload");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after() {
+    bounded(60, async {
+        let mut s = test_settings();
+        s.execution.max_concurrent = 1;
+        s.execution.queue_size = 1;
+        let t = app_with(s).await;
+        let slow = json!({"code": "import time; time.sleep(1.5)"});
+        let fut1 = t.client.post("/api/v1/execute").body_json(&slow).send();
+        let fut2 = t.client.post("/api/v1/execute").body_json(&slow).send();
+        let third = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            t.client
+                .post("/api/v1/execute")
+                .body_json(&slow)
+                .send()
+                .await
+        };
+        let (r1, r2, r3) = tokio::join!(fut1, fut2, third);
+        assert_eq!(r1.0.status(), 200);
+        assert_eq!(r2.0.status(), 200, "the queued one runs after the first");
+        assert_eq!(r3.0.status(), 429);
+        assert_eq!(
+            r3.0.headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        let body: Value = r3.0.into_body().into_json().await.expect("json");
+        assert_eq!(body["code"], "busy");
+        let (_, metrics) = t.get("/metrics").await;
+        let busy = metrics
+            .lines()
+            .find(|l| l.starts_with("mde_requests_rejected_total{reason=\"busy\"}"));
+        assert_eq!(
+            busy,
+            Some("mde_requests_rejected_total{reason=\"busy\"} 1"),
+            "{metrics}"
+        );
+    })
+    .await;
+}
