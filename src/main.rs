@@ -32,8 +32,19 @@ enum Command {
     CheckConfig,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // A slot launcher (see execution/launcher.rs) is this binary started by the daemon.
+    if std::env::args().nth(1).as_deref() == Some(mixed_docker_executor::execution::LAUNCHER_ARG) {
+        mixed_docker_executor::execution::launcher_main();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(Command::Openapi) = cli.command {
         println!("{}", mixed_docker_executor::api::spec_json());

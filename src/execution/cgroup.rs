@@ -249,9 +249,11 @@ impl MemoryCgroup {
             .unwrap_or(0)
     }
 
-    /// SIGKILL everything still in the cgroup; returns how many were signalled.
-    pub(crate) fn kill_all(&self) -> usize {
-        if self.version == CgroupVersion::V2
+    /// SIGKILL everything still in the cgroup but `except` (the slot's launcher); returns
+    /// how many were signalled.
+    pub(crate) fn kill_all(&self, except: Option<u32>) -> usize {
+        if except.is_none()
+            && self.version == CgroupVersion::V2
             && write_file(&self.dir.join("cgroup.kill"), "1").is_ok()
         {
             return 0;
@@ -259,8 +261,13 @@ impl MemoryCgroup {
         let Ok(text) = std::fs::read_to_string(self.procs_path()) else {
             return 0;
         };
+        let except = except.map(|p| p as i32);
         let mut n = 0;
-        for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        for pid in text
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+            .filter(|p| Some(*p) != except)
+        {
             // SAFETY: kill(2) has no memory-safety preconditions.
             if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
                 n += 1;
@@ -269,15 +276,20 @@ impl MemoryCgroup {
         n
     }
 
-    /// Whether any process is still inside.
-    pub(crate) fn is_empty(&self) -> bool {
+    /// Whether no process but `except` is inside.
+    pub(crate) fn is_empty(&self, except: Option<u32>) -> bool {
+        let except = except.map(|p| p.to_string());
         std::fs::read_to_string(self.procs_path())
-            .map(|t| t.trim().is_empty())
+            .map(|t| {
+                t.lines()
+                    .map(str::trim)
+                    .all(|l| l.is_empty() || Some(l) == except.as_deref())
+            })
             .unwrap_or(true)
     }
 
     pub(crate) fn remove(&self) {
-        self.kill_all();
+        self.kill_all(None);
         if let Some(d) = self.cpuacct_dir.as_ref().filter(|d| **d != self.dir) {
             let _ = std::fs::remove_dir(d);
         }

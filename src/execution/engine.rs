@@ -71,6 +71,7 @@ impl Executor {
             memory_cgroup: sandbox.memory_cgroup,
             tmpfs_workdir: sandbox.tmpfs_workdir,
             workdir_bytes,
+            use_launcher: sandbox.launcher,
         })?;
         Ok(Executor {
             admission: Admission::new(count, settings.execution.queue_size),
@@ -299,6 +300,7 @@ impl Executor {
             Err(e) => return StageReport::internal(e, limits),
         };
         let is_bwrap = backend.kind() == BackendKind::Bwrap;
+        let launcher = slot.launcher();
         run_stage(
             command,
             RunContext {
@@ -308,6 +310,7 @@ impl Executor {
                 stdin,
                 backend_processes: if is_bwrap { 2 } else { 0 },
                 exit_code_encodes_signal: is_bwrap,
+                launcher: launcher.as_deref(),
             },
         )
         .await

@@ -4,7 +4,9 @@
 
 mod admission;
 mod cgroup;
+pub(crate) mod child;
 mod engine;
+mod launcher;
 mod limits;
 mod observer;
 mod report;
@@ -16,6 +18,7 @@ use std::sync::Arc;
 
 pub use admission::Busy;
 pub use engine::{Executor, ExecutorInfo};
+pub use launcher::{LAUNCHER_ARG, launcher_main};
 pub use limits::{LimitExceeded, Limits, LimitsOverride};
 pub use observer::{ExecutionObserver, NoopObserver};
 pub use report::{ExecutionReport, LimitKind, StageReport, StageStatus};

@@ -3,7 +3,7 @@
 //! peak memory. Every backend goes through here, so every backend gets the same enforcement.
 
 use std::ffi::c_int;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -15,6 +15,8 @@ use tokio::sync::{Notify, watch};
 
 use super::Limits;
 use super::cgroup::MemoryCgroup;
+use super::child::{MAX_PASS_FDS, Rlimit, prepare_child};
+use super::launcher::{Launcher, SpawnSpec};
 use super::report::{LimitKind, StageReport, StageStatus};
 use super::sandbox::SandboxCommand;
 
@@ -32,64 +34,40 @@ pub(crate) struct RunContext<'a> {
     pub(crate) backend_processes: u64,
     /// bubblewrap reports a signal death as exit code 128 + signal.
     pub(crate) exit_code_encodes_signal: bool,
-}
-
-#[derive(Clone, Copy)]
-struct Rlimit {
-    resource: libc::__rlimit_resource_t,
-    soft: u64,
-    hard: u64,
+    /// The slot's launcher, when it has one (see `launcher.rs`).
+    pub(crate) launcher: Option<&'a Launcher>,
 }
 
 fn rlimits(ctx: &RunContext<'_>) -> Vec<Rlimit> {
     let l = &ctx.limits;
     let cpu_seconds = l.cpu_time_ms.div_ceil(1000).max(1);
+    let limit = |resource: libc::__rlimit_resource_t, soft: u64, hard: u64| Rlimit {
+        resource,
+        soft,
+        hard,
+    };
     let mut out = vec![
         // SIGXCPU at the soft limit, SIGKILL one second later if it is ignored.
-        Rlimit {
-            resource: libc::RLIMIT_CPU,
-            soft: cpu_seconds,
-            hard: cpu_seconds + 1,
-        },
-        Rlimit {
-            resource: libc::RLIMIT_FSIZE,
-            soft: l.file_size_bytes,
-            hard: l.file_size_bytes,
-        },
-        Rlimit {
-            resource: libc::RLIMIT_NOFILE,
-            soft: l.open_files,
-            hard: l.open_files,
-        },
-        Rlimit {
-            resource: libc::RLIMIT_CORE,
-            soft: 0,
-            hard: 0,
-        },
+        limit(libc::RLIMIT_CPU, cpu_seconds, cpu_seconds + 1),
+        limit(libc::RLIMIT_FSIZE, l.file_size_bytes, l.file_size_bytes),
+        limit(libc::RLIMIT_NOFILE, l.open_files, l.open_files),
+        limit(libc::RLIMIT_CORE, 0, 0),
     ];
     // RLIMIT_NPROC counts every process of the uid, so it only means "this run's processes"
     // when the run has a uid of its own; the kernel also ignores it for root.
     if ctx.uid.is_some() {
         let n = l.processes + ctx.backend_processes;
-        out.push(Rlimit {
-            resource: libc::RLIMIT_NPROC,
-            soft: n,
-            hard: n,
-        });
+        out.push(limit(libc::RLIMIT_NPROC, n, n));
     }
     // Without a memory cgroup, fall back to the address-space limit.
     if ctx.cgroup.is_none() {
-        out.push(Rlimit {
-            resource: libc::RLIMIT_AS,
-            soft: l.memory_bytes,
-            hard: l.memory_bytes,
-        });
+        out.push(limit(libc::RLIMIT_AS, l.memory_bytes, l.memory_bytes));
     }
     out
 }
 
-/// Format `n` into `buf` without allocating (we are between fork and exec).
-fn format_pid(mut n: u32, buf: &mut [u8; 16]) -> &[u8] {
+/// Format `n` into `buf` without allocating (we may be between fork and exec).
+pub(crate) fn format_pid(mut n: u32, buf: &mut [u8; 16]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -102,38 +80,130 @@ fn format_pid(mut n: u32, buf: &mut [u8; 16]) -> &[u8] {
     &buf[i..]
 }
 
-fn check(ret: c_int) -> std::io::Result<()> {
-    if ret < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
+/// How the stage ended: wait status, CPU time of the reaped tree, largest RSS.
+struct Exit {
+    status: c_int,
+    cpu: Duration,
+    maxrss_kb: u64,
+}
+
+/// A started stage: its pid, the parent's ends of its pipes, and how to watch its exit.
+struct Spawned<'a> {
+    pid: libc::pid_t,
+    stdin: Option<pipe::Sender>,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+    exit_watch: ExitWatch<'a>,
+}
+
+enum ExitWatch<'a> {
+    /// Forked by the daemon: a blocking thread waits for the exit without reaping it.
+    Direct { waiter: tokio::task::JoinHandle<()> },
+    /// Forked by the slot's launcher, which kills, reaps and reports.
+    Launched {
+        launcher: &'a Launcher,
+        result: Option<Result<(i32, u64, u64), String>>,
+    },
+}
+
+impl ExitWatch<'_> {
+    /// Resolves when the stage's leader has exited (cancel-safe).
+    async fn exited(&mut self) {
+        match self {
+            ExitWatch::Direct { waiter } => {
+                if !waiter.is_finished() {
+                    let _ = waiter.await;
+                }
+            }
+            ExitWatch::Launched { launcher, result } => {
+                if result.is_none() {
+                    *result = Some(launcher.exited().await);
+                }
+            }
+        }
+    }
+
+    /// SIGKILL the stage's whole tree now.
+    async fn kill(&mut self, pid: libc::pid_t, cgroup: Option<&MemoryCgroup>) {
+        match self {
+            ExitWatch::Direct { .. } => {
+                // SAFETY: kill(2) has no memory-safety preconditions. The leader is not
+                // reaped yet (we reap in `finish`), so the group id cannot have been reused.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                if let Some(cg) = cgroup {
+                    cg.kill_all(None);
+                }
+            }
+            ExitWatch::Launched { launcher, .. } => {
+                launcher.kill().await;
+                if let Some(cg) = cgroup {
+                    cg.kill_all(launcher.pid());
+                }
+            }
+        }
+    }
+
+    /// Wait for the end, kill any leftovers, reap, and collect the exit.
+    async fn finish(mut self, pid: libc::pid_t, cgroup: Option<&MemoryCgroup>) -> Option<Exit> {
+        self.exited().await;
+        match self {
+            ExitWatch::Direct { .. } => {
+                // Background children of a finished program must not linger either.
+                // SAFETY: as in `kill`; the leader is a zombie until `reap` below.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                if let Some(cg) = cgroup {
+                    cg.kill_all(None);
+                }
+                reap(pid).await
+            }
+            ExitWatch::Launched { launcher, result } => {
+                if let Some(cg) = cgroup.filter(|cg| !cg.is_empty(launcher.pid())) {
+                    cg.kill_all(launcher.pid());
+                }
+                match result {
+                    Some(Ok((status, cpu_us, maxrss_kb))) => Some(Exit {
+                        status,
+                        cpu: Duration::from_micros(cpu_us),
+                        maxrss_kb,
+                    }),
+                    _ => None,
+                }
+            }
+        }
     }
 }
 
-struct Exit {
-    status: c_int,
-    rusage: libc::rusage,
+fn to_owned_pipes(
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+) -> std::io::Result<(
+    Option<pipe::Sender>,
+    Option<pipe::Receiver>,
+    Option<pipe::Receiver>,
+)> {
+    Ok((
+        stdin.map(pipe::Sender::from_owned_fd).transpose()?,
+        stdout.map(pipe::Receiver::from_owned_fd).transpose()?,
+        stderr.map(pipe::Receiver::from_owned_fd).transpose()?,
+    ))
 }
 
-/// Run one stage to completion. Never panics; spawn failures become `InternalError`.
-pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> StageReport {
-    let limits = ctx.limits;
+/// Fork from the daemon. The child joins the slot's cgroups itself (costly on cgroup v1,
+/// which is why slots with cgroups use a launcher when one is available).
+fn spawn_direct<'a>(cmd: SandboxCommand, ctx: &RunContext<'_>) -> Result<Spawned<'a>, String> {
     let mut cgroup_procs = Vec::new();
     for path in ctx
         .cgroup
         .map(MemoryCgroup::all_procs_paths)
         .unwrap_or_default()
     {
-        match std::fs::OpenOptions::new().write(true).open(&path) {
-            Ok(f) => cgroup_procs.push(f),
-            Err(e) => {
-                return StageReport::internal(format!("opening {}: {e}", path.display()), limits);
-            }
-        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        cgroup_procs.push(file);
     }
-    let oom_before = ctx.cgroup.map(MemoryCgroup::oom_kills).unwrap_or(0);
-    let cpu_before = ctx.cgroup.and_then(MemoryCgroup::cpu_usage);
-
     let mut command = std::process::Command::new(&cmd.program);
     command
         .args(&cmd.args)
@@ -144,16 +214,18 @@ pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> Stage
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    let limits_list = rlimits(&ctx);
+    let limits_list = rlimits(ctx);
     let cgroup_fds: Vec<c_int> = cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
     let pass_fds: Vec<c_int> = cmd.pass_fds.iter().map(AsRawFd::as_raw_fd).collect();
+    if pass_fds.len() > MAX_PASS_FDS {
+        return Err("too many descriptors to pass".into());
+    }
     let uid = ctx.uid;
     // SAFETY: the closure runs in the child between fork and exec. It only makes
-    // async-signal-safe system calls and touches memory captured before the fork; it does
-    // not allocate.
+    // async-signal-safe system calls on memory captured before the fork; no allocation.
     unsafe {
         command.pre_exec(move || {
-            // 1. Join the slot's memory cgroup first, so every later process is inside it.
+            // Join the slot's cgroups first, so every later process is inside them.
             let mut buf = [0u8; 16];
             let pid = format_pid(libc::getpid() as u32, &mut buf);
             for &fd in &cgroup_fds {
@@ -161,66 +233,116 @@ pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> Stage
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            // 2. Descriptors the backend hands to the child (seccomp programs).
-            for &fd in &pass_fds {
-                check(libc::fcntl(fd, libc::F_SETFD, 0))?;
-            }
-            // 3. Limits, for this process and everything it starts.
-            for l in &limits_list {
-                let rl = libc::rlimit {
-                    rlim_cur: l.soft,
-                    rlim_max: l.hard,
-                };
-                check(libc::setrlimit(l.resource, &rl))?;
-            }
-            // 4. Drop to the slot's uid: never run submissions as host root.
-            if let Some(uid) = uid {
-                check(libc::setgroups(0, std::ptr::null()))?;
-                check(libc::setgid(uid))?;
-                check(libc::setuid(uid))?;
-            }
-            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-            // If the daemon dies, so does the stage (set after setuid, which clears it).
-            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
-            Ok(())
+            let mut scratch = [0 as c_int; MAX_PASS_FDS];
+            prepare_child(&pass_fds, &mut scratch, &limits_list, uid)
         });
     }
-
-    let started = Instant::now();
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            return StageReport::internal(
-                format!("cannot start `{}`: {e}", cmd.program.display()),
-                limits,
-            );
-        }
-    };
-    drop(cgroup_procs);
-    drop(cmd.pass_fds);
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot start `{}`: {e}", cmd.program.display()))?;
     let pid = child.id() as libc::pid_t;
-
-    let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
-    let pipes = (|| -> std::io::Result<_> {
-        Ok((
-            stdin
-                .map(|s| pipe::Sender::from_owned_fd(OwnedFd::from(s)))
-                .transpose()?,
-            stdout
-                .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)))
-                .transpose()?,
-            stderr
-                .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)))
-                .transpose()?,
-        ))
-    })();
-    let (stdin, stdout, stderr) = match pipes {
-        Ok(p) => p,
+    let (stdin, stdout, stderr) = (
+        child.stdin.take().map(OwnedFd::from),
+        child.stdout.take().map(OwnedFd::from),
+        child.stderr.take().map(OwnedFd::from),
+    );
+    // Wait for exit without reaping, so the process group id stays ours until we kill it.
+    let waiter = tokio::task::spawn_blocking(move || wait_exited(pid));
+    let watch = ExitWatch::Direct { waiter };
+    match to_owned_pipes(stdin, stdout, stderr) {
+        Ok((stdin, stdout, stderr)) => Ok(Spawned {
+            pid,
+            stdin,
+            stdout,
+            stderr,
+            exit_watch: watch,
+        }),
         Err(e) => {
-            kill_tree(pid, ctx.cgroup);
-            let _ = reap(pid).await;
-            return StageReport::internal(format!("setting up pipes: {e}"), limits);
+            // SAFETY: as in ExitWatch::kill.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            Err(format!("setting up pipes: {e}"))
         }
+    }
+}
+
+fn pipe_pair() -> Result<(OwnedFd, OwnedFd), String> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into a valid array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Have the slot's launcher fork the stage inside the slot's cgroups.
+async fn spawn_launched<'a>(
+    launcher: &'a Launcher,
+    cmd: SandboxCommand,
+    ctx: &RunContext<'_>,
+) -> Result<Spawned<'a>, String> {
+    if cmd.pass_fds.len() > MAX_PASS_FDS {
+        return Err("too many descriptors to pass".into());
+    }
+    let (stdin_r, stdin_w) = pipe_pair()?;
+    let (stdout_r, stdout_w) = pipe_pair()?;
+    let (stderr_r, stderr_w) = pipe_pair()?;
+    let mut fds = vec![
+        stdin_r.as_raw_fd(),
+        stdout_w.as_raw_fd(),
+        stderr_w.as_raw_fd(),
+    ];
+    fds.extend(cmd.pass_fds.iter().map(AsRawFd::as_raw_fd));
+    let bytes = |s: &std::ffi::OsStr| s.as_encoded_bytes().to_vec();
+    let spec = SpawnSpec {
+        program: bytes(cmd.program.as_os_str()),
+        args: cmd.args.iter().map(|a| bytes(a)).collect(),
+        env: cmd.env.iter().map(|(k, v)| (bytes(k), bytes(v))).collect(),
+        cwd: bytes(cmd.cwd.as_os_str()),
+        rlimits: rlimits(ctx),
+        uid: ctx.uid,
+    };
+    let pid = launcher.spawn(spec, &fds).await?;
+    // The child has its copies now; ours of its ends must close so EOF can arrive.
+    drop((stdin_r, stdout_w, stderr_w, cmd.pass_fds));
+    let watch = ExitWatch::Launched {
+        launcher,
+        result: None,
+    };
+    match to_owned_pipes(Some(stdin_w), Some(stdout_r), Some(stderr_r)) {
+        Ok((stdin, stdout, stderr)) => Ok(Spawned {
+            pid,
+            stdin,
+            stdout,
+            stderr,
+            exit_watch: watch,
+        }),
+        Err(e) => {
+            launcher.kill().await;
+            Err(format!("setting up pipes: {e}"))
+        }
+    }
+}
+
+/// Run one stage to completion. Never panics; spawn failures become `InternalError`.
+pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> StageReport {
+    let limits = ctx.limits;
+    let oom_before = ctx.cgroup.map(MemoryCgroup::oom_kills).unwrap_or(0);
+    let cpu_before = ctx.cgroup.and_then(MemoryCgroup::cpu_usage);
+    let started = Instant::now();
+    let spawned = match ctx.launcher {
+        Some(launcher) => spawn_launched(launcher, cmd, &ctx).await,
+        None => spawn_direct(cmd, &ctx),
+    };
+    let Spawned {
+        pid,
+        stdin,
+        stdout,
+        stderr,
+        mut exit_watch,
+    } = match spawned {
+        Ok(s) => s,
+        Err(e) => return StageReport::internal(e, limits),
     };
 
     let overflow = Arc::new(Notify::new());
@@ -241,21 +363,17 @@ pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> Stage
         }
     });
 
-    // Wait for exit without reaping, so the process group id stays ours until we kill it.
-    let mut waiter = tokio::task::spawn_blocking(move || wait_exited(pid));
     let wall = Duration::from_millis(limits.wall_time_ms);
     let mut limit_hit = None;
     tokio::select! {
-        _ = &mut waiter => {}
+        _ = exit_watch.exited() => {}
         _ = tokio::time::sleep(wall) => limit_hit = Some(LimitKind::WallTime),
         _ = overflow.notified() => limit_hit = Some(LimitKind::Output),
     }
-    // Always kill what is left: background children of a finished program must not linger.
-    kill_tree(pid, ctx.cgroup);
-    if !waiter.is_finished() {
-        let _ = (&mut waiter).await;
+    if limit_hit.is_some() {
+        exit_watch.kill(pid, ctx.cgroup).await;
     }
-    let exit = reap(pid).await;
+    let exit = exit_watch.finish(pid, ctx.cgroup).await;
     let wall_time = started.elapsed();
     in_task.abort();
 
@@ -274,9 +392,6 @@ pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> Stage
                 drain.await
             }
         };
-    if ctx.cgroup.is_some_and(|cg| !cg.is_empty()) {
-        ctx.cgroup.map(MemoryCgroup::kill_all);
-    }
 
     let Some(exit) = exit else {
         return StageReport::internal("lost track of the stage's process", limits);
@@ -288,16 +403,15 @@ pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> Stage
             signal = Some(code - 128);
         }
     }
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     // The cgroup sees every process of the run; rusage only those reaped up the chain.
     let cpu_time = match (cpu_before, ctx.cgroup.and_then(MemoryCgroup::cpu_usage)) {
         (Some(before), Some(after)) => after.saturating_sub(before),
-        _ => tv(exit.rusage.ru_utime) + tv(exit.rusage.ru_stime),
+        _ => exit.cpu,
     };
     let peak_memory_bytes = ctx
         .cgroup
         .and_then(MemoryCgroup::peak_bytes)
-        .or(Some(exit.rusage.ru_maxrss as u64 * 1024));
+        .or(Some(exit.maxrss_kb * 1024));
     let oom_killed = ctx.cgroup.is_some_and(|cg| cg.oom_kills() > oom_before);
 
     if limit_hit.is_none() {
@@ -370,18 +484,6 @@ async fn read_capped(
     }
 }
 
-/// SIGKILL the stage's process group and everything in its cgroup.
-fn kill_tree(pid: libc::pid_t, cgroup: Option<&MemoryCgroup>) {
-    // SAFETY: kill(2) has no memory-safety preconditions. The group leader is not reaped
-    // yet, so the group id cannot have been reused.
-    unsafe {
-        libc::kill(-pid, libc::SIGKILL);
-    }
-    if let Some(cg) = cgroup {
-        cg.kill_all();
-    }
-}
-
 /// Block until `pid` has exited, leaving it a zombie (WNOWAIT).
 fn wait_exited(pid: libc::pid_t) {
     loop {
@@ -410,7 +512,12 @@ async fn reap(pid: libc::pid_t) -> Option<Exit> {
             let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
             let ret = unsafe { libc::wait4(pid, &mut status, 0, &mut rusage) };
             if ret == pid {
-                return Some(Exit { status, rusage });
+                let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+                return Some(Exit {
+                    status,
+                    cpu: tv(rusage.ru_utime) + tv(rusage.ru_stime),
+                    maxrss_kb: rusage.ru_maxrss as u64,
+                });
             }
             if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
                 return None;

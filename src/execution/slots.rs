@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::SourceFile;
 use super::cgroup::{CgroupRoot, CgroupVersion, MemoryCgroup};
+use super::launcher::{Launcher, launcher_executable};
+use std::sync::Arc;
 
 /// How memory is limited on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +42,9 @@ impl MemoryEnforcement {
 pub(crate) struct Slot {
     pub(crate) uid: Option<u32>,
     pub(crate) cgroup: Option<MemoryCgroup>,
+    /// Forks this slot's stages inside its cgroups (see `launcher.rs`); restarted if it dies.
+    launcher: std::sync::Mutex<Option<Arc<Launcher>>>,
+    launcher_exe: Option<PathBuf>,
     pub(crate) dir: PathBuf,
     mounted: bool,
     mounted_size: AtomicU64,
@@ -62,6 +67,34 @@ pub(crate) struct SlotOptions<'a> {
     pub(crate) memory_cgroup: bool,
     pub(crate) tmpfs_workdir: bool,
     pub(crate) workdir_bytes: u64,
+    pub(crate) use_launcher: bool,
+}
+
+impl Slot {
+    /// The slot's launcher, started (or restarted, if it died) on first use. `None` when
+    /// the slot forks its stages directly.
+    pub(crate) fn launcher(&self) -> Option<Arc<Launcher>> {
+        let exe = self.launcher_exe.as_ref()?;
+        let mut guard = self.launcher.lock().ok()?;
+        if let Some(l) = guard.as_ref().filter(|l| l.is_alive()) {
+            return Some(Arc::clone(l));
+        }
+        let procs = self
+            .cgroup
+            .as_ref()
+            .map(MemoryCgroup::all_procs_paths)
+            .unwrap_or_default();
+        match Launcher::start(exe, &procs) {
+            Ok(l) => {
+                *guard = Some(Arc::clone(&l));
+                Some(l)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a slot launcher; forking directly");
+                None
+            }
+        }
+    }
 }
 
 fn is_root() -> bool {
@@ -116,6 +149,11 @@ impl SlotPool {
             sized_workdir: root_user && opts.tmpfs_workdir,
         };
         let mut next_uid = opts.uid_base;
+        let exe = if opts.use_launcher {
+            launcher_executable()
+        } else {
+            None
+        };
         for index in 0..opts.count {
             let (uid, lock) = if root_user {
                 let (uid, lock) = claim_uid(&mut next_uid, opts.uid_base)?;
@@ -133,9 +171,13 @@ impl SlotPool {
                 Some(root) => Some(root.slot(index)?),
                 None => None,
             };
+            // A launcher only pays off where joining the cgroups is what it saves.
+            let launcher_exe = cgroup.as_ref().and(exe.clone());
             pool.slots.push(Slot {
                 uid,
                 cgroup,
+                launcher: std::sync::Mutex::new(None),
+                launcher_exe,
                 dir,
                 mounted,
                 mounted_size: AtomicU64::new(opts.workdir_bytes),
@@ -198,6 +240,9 @@ impl SlotPool {
 impl Drop for SlotPool {
     fn drop(&mut self) {
         for slot in &self.slots {
+            if let Ok(mut l) = slot.launcher.lock() {
+                l.take();
+            }
             if let Some(cg) = &slot.cgroup {
                 cg.remove();
             }

@@ -9,7 +9,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io::{Seek, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use super::{SandboxBackend, SandboxCommand, StagePlan, base_env};
@@ -142,11 +142,15 @@ impl SandboxBackend for BwrapBackend {
         // only writable places are /box and /tmp (separate mounts, unaffected).
         push(&mut args, ["--remount-ro".as_ref(), "/".as_ref()]);
         let mut pass_fds = Vec::with_capacity(self.seccomp.len());
-        for program in &self.seccomp {
-            let fd = memfd_with(program)?;
+        for (i, program) in self.seccomp.iter().enumerate() {
+            // The runner moves pass_fds[i] to PASS_FD_BASE + i in the child.
             args.push("--add-seccomp-fd".into());
-            args.push(fd.as_raw_fd().to_string().into());
-            pass_fds.push(fd);
+            args.push(
+                (crate::execution::child::PASS_FD_BASE + i as i32)
+                    .to_string()
+                    .into(),
+            );
+            pass_fds.push(memfd_with(program)?);
         }
         args.push("--".into());
         args.extend(plan.argv.iter().map(OsString::from));

@@ -37,7 +37,8 @@ pub struct SandboxCommand {
     pub args: Vec<OsString>,
     pub env: Vec<(OsString, OsString)>,
     pub cwd: PathBuf,
-    /// Descriptors the child must inherit (the runner clears their close-on-exec flag).
+    /// Descriptors the child must inherit: the runner places `pass_fds[i]` at
+    /// `PASS_FD_BASE + i` in the child, whatever its number here.
     pub pass_fds: Vec<OwnedFd>,
 }
 

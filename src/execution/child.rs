@@ -1,0 +1,71 @@
+//! What every stage process does between fork and exec, whoever forks it (the daemon
+//! directly, or a slot's launcher): take its descriptors, apply limits, drop to the slot's
+//! uid. Only async-signal-safe calls, no allocation: the daemon forks from many threads.
+
+use std::ffi::c_int;
+
+/// Descriptors a backend passes to the child appear at `PASS_FD_BASE + i` (bubblewrap's
+/// `--add-seccomp-fd` arguments name them), whatever their number in the parent.
+pub(crate) const PASS_FD_BASE: c_int = 10;
+
+/// Above every descriptor the child keeps, so moving through it never clobbers one.
+const SCRATCH_FD_MIN: c_int = 100;
+
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Rlimit {
+    pub(crate) resource: libc::__rlimit_resource_t,
+    pub(crate) soft: u64,
+    pub(crate) hard: u64,
+}
+
+fn check(ret: c_int) -> std::io::Result<()> {
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Move `pass` to `PASS_FD_BASE + i` (clearing close-on-exec), apply `rlimits`, and become
+/// `uid` with no supplementary groups, no new privileges, and death with the parent.
+///
+/// # Safety
+/// Call only in a freshly forked child, before exec.
+pub(crate) unsafe fn prepare_child(
+    pass: &[c_int],
+    scratch: &mut [c_int],
+    rlimits: &[Rlimit],
+    uid: Option<u32>,
+) -> std::io::Result<()> {
+    // SAFETY (whole body): plain system calls on descriptors and values we own.
+    unsafe {
+        // Two steps, so a descriptor already sitting at a target number is not clobbered.
+        for (i, &fd) in pass.iter().enumerate() {
+            let moved = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, SCRATCH_FD_MIN);
+            check(moved)?;
+            scratch[i] = moved;
+        }
+        for (i, &fd) in scratch.iter().take(pass.len()).enumerate() {
+            check(libc::dup2(fd, PASS_FD_BASE + i as c_int))?;
+        }
+        for l in rlimits {
+            let rl = libc::rlimit {
+                rlim_cur: l.soft,
+                rlim_max: l.hard,
+            };
+            check(libc::setrlimit(l.resource, &rl))?;
+        }
+        if let Some(uid) = uid {
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setgid(uid))?;
+            check(libc::setuid(uid))?;
+        }
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+        // Set after setuid, which clears it.
+        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+    }
+    Ok(())
+}
+
+/// The most descriptors a backend may pass.
+pub(crate) const MAX_PASS_FDS: usize = 8;
