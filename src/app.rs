@@ -39,10 +39,12 @@ impl App {
         let executor = Executor::new(&settings, observer).map_err(StartError::Sandbox)?;
         let reload_observer: Arc<dyn ReloadObserver> = metrics.clone();
         let reloader = Reloader::new(Arc::clone(&settings), registry.clone(), reload_observer);
+        let executor = Arc::new(executor);
+        executor.prepare_idle_slots().await;
         Ok(App {
             state: AppState {
                 settings,
-                executor: Arc::new(executor),
+                executor,
                 runtimes: registry,
                 reloader,
                 metrics,

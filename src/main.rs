@@ -34,8 +34,14 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     // A slot launcher (see execution/launcher.rs) is this binary started by the daemon.
-    if std::env::args().nth(1).as_deref() == Some(mixed_docker_executor::execution::LAUNCHER_ARG) {
-        mixed_docker_executor::execution::launcher_main();
+    use mixed_docker_executor::execution::{LAUNCHER_ARG, STAGE_EXEC_ARG};
+    match std::env::args().nth(1).as_deref() {
+        Some(LAUNCHER_ARG) => mixed_docker_executor::execution::launcher_main(),
+        // The helper waiting inside a prepared sandbox (see execution/stage_exec.rs).
+        Some(STAGE_EXEC_ARG) => {
+            mixed_docker_executor::execution::stage_exec_main(std::env::args().nth(2))
+        }
+        _ => {}
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

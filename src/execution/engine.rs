@@ -1,15 +1,21 @@
 //! The executor: admission, then per stage (compile?, run) prepare the slot, build the
 //! sandboxed command with the runtime's backend, and hand it to the shared runner.
 
-use std::sync::Arc;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::admission::Admission;
+use tokio::sync::oneshot;
+
+use super::admission::{Admission, SlotLease};
+use super::launcher::launcher_executable;
 use super::observer::ExecutionObserver;
 use super::report::{ExecutionReport, StageReport, StageStatus};
-use super::runner::{RunContext, run_stage};
+use super::runner::{RunContext, Spawned, rlimits, run_stage, start_stage, supervise};
 use super::sandbox::{BwrapBackend, ProcessBackend, SandboxBackend, StagePlan};
 use super::slots::{MemoryEnforcement, Slot, SlotOptions, SlotPool};
+use super::stage_exec::ExecSpec;
 use super::{ExecuteError, ExecutionRequest, Limits};
 use crate::config::{BackendKind, Settings};
 use crate::runtimes::{Runtime, resolve_command};
@@ -36,8 +42,25 @@ impl ExecutorInfo {
     }
 }
 
+/// A bubblewrap sandbox set up ahead of the stage it will run (see `stage_exec.rs`).
+struct PreparedSandbox {
+    spawned: Spawned,
+    /// Write end of the pipe the helper inside waits on.
+    control: OwnedFd,
+    /// The runtime paths bound into it: a runtime needing others gets a fresh sandbox.
+    binds: Vec<PathBuf>,
+}
+
 pub struct Executor {
     admission: Admission,
+    /// One prepared sandbox per idle slot, by slot index.
+    prepared: Vec<Mutex<Option<PreparedSandbox>>>,
+    /// Every runtime bind seen so far, so later prepared sandboxes suit those runtimes too.
+    prepared_binds: Mutex<Vec<PathBuf>>,
+    /// The binary bound into prepared sandboxes as the stage-exec helper; `None` disables them.
+    helper: Option<PathBuf>,
+    max_limits: Limits,
+    in_flight: std::sync::atomic::AtomicUsize,
     slots: SlotPool,
     bwrap: Option<BwrapBackend>,
     bwrap_error: Option<String>,
@@ -73,8 +96,17 @@ impl Executor {
             workdir_bytes,
             use_launcher: sandbox.launcher,
         })?;
+        let helper = match (sandbox.backend, sandbox.prepare_sandboxes) {
+            (BackendKind::Bwrap, true) => launcher_executable(),
+            _ => None,
+        };
         Ok(Executor {
             admission: Admission::new(count, settings.execution.queue_size),
+            prepared: (0..count).map(|_| Mutex::new(None)).collect(),
+            prepared_binds: Mutex::new(Vec::new()),
+            helper,
+            max_limits: settings.max_limits,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
             slots,
             bwrap,
             bwrap_error,
@@ -99,8 +131,9 @@ impl Executor {
         }
     }
 
+    /// Executions running now (a slot that is only preparing its next sandbox is not one).
     pub fn running(&self) -> usize {
-        self.admission.running()
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn waiting(&self) -> usize {
@@ -109,7 +142,7 @@ impl Executor {
 
     /// Run `/bin/true` through the default backend, so a host where the sandbox cannot work
     /// (no user namespaces, a blocking seccomp profile) fails at start-up, not per request.
-    pub async fn self_test(&self) -> Result<(), String> {
+    pub async fn self_test(self: &Arc<Self>) -> Result<(), String> {
         let probe = Runtime {
             name: "self-test".into(),
             aliases: Vec::new(),
@@ -136,8 +169,10 @@ impl Executor {
             .acquire(|| {})
             .await
             .map_err(|e| e.to_string())?;
-        let report = self.run_stages(&request, lease.index).await;
-        self.slots.clear(lease.index);
+        let report = self
+            .run_in_slot(request, lease, false)
+            .await
+            .map_err(|e| e.to_string())?;
         match report.run {
             Some(run) if run.status == StageStatus::Ok => Ok(()),
             Some(run) => Err(format!(
@@ -165,19 +200,161 @@ impl Executor {
             }
         };
         self.observer.dequeued(arrived.elapsed(), true);
+        self.run_in_slot(request, lease, true).await
+    }
+
+    /// Run the stages in their own task and answer as soon as the report exists; the task
+    /// then prepares the slot's next sandbox before it gives the slot back.
+    async fn run_in_slot(
+        self: &Arc<Self>,
+        request: ExecutionRequest,
+        lease: SlotLease,
+        observe: bool,
+    ) -> Result<ExecutionReport, ExecuteError> {
+        let (tx, rx) = oneshot::channel();
         let this = Arc::clone(self);
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             let runtime = request.runtime.name.clone();
-            this.observer.started(&runtime);
+            if observe {
+                this.observer.started(&runtime);
+            }
             let started = Instant::now();
+            this.in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let report = this.run_stages(&request, lease.index).await;
+            this.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            if observe {
+                this.observer.finished(&runtime, &report, started.elapsed());
+            }
+            let _ = tx.send(report);
+            this.settle_slot(lease.index).await;
             this.slots.clear(lease.index);
+            this.prepare_sandbox(lease.index).await;
             drop(lease);
-            this.observer.finished(&runtime, &report, started.elapsed());
-            report
         });
-        task.await
-            .map_err(|e| ExecuteError::Internal(format!("execution task failed: {e}")))
+        rx.await
+            .map_err(|_| ExecuteError::Internal("the execution task failed".into()))
+    }
+
+    /// Give every idle slot a prepared sandbox (at start-up; afterwards each run prepares
+    /// its slot's next one).
+    pub async fn prepare_idle_slots(self: &Arc<Self>) {
+        if self.helper.is_none() {
+            return;
+        }
+        // Hold every lease until all slots are visited, so each slot gets its turn.
+        let mut leases = Vec::with_capacity(self.slots.slots.len());
+        for _ in 0..self.slots.slots.len() {
+            let Ok(lease) = self.admission.acquire(|| {}).await else {
+                return;
+            };
+            let already = self
+                .prepared
+                .get(lease.index)
+                .and_then(|m| m.lock().ok().map(|p| p.is_some()))
+                .unwrap_or(true);
+            if !already {
+                self.prepare_sandbox(lease.index).await;
+            }
+            leases.push(lease);
+        }
+    }
+
+    /// Wait (briefly) until nothing of the last run is left in the slot's cgroup, so no
+    /// dying process counts against the next run's process limit.
+    async fn settle_slot(&self, index: usize) {
+        let Some(slot) = self.slots.slots.get(index) else {
+            return;
+        };
+        let Some(cg) = &slot.cgroup else {
+            return;
+        };
+        let launcher = slot.launcher().and_then(|l| l.pid());
+        for _ in 0..400 {
+            if cg.is_empty(launcher) {
+                return;
+            }
+            cg.kill_all(launcher);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tracing::warn!(slot = index, "processes of the last run are still exiting");
+    }
+
+    /// Set up a sandbox in slot `index` that waits for its stage (best effort).
+    async fn prepare_sandbox(&self, index: usize) {
+        let (Some(bwrap), Some(helper)) = (&self.bwrap, &self.helper) else {
+            return;
+        };
+        let slot = match self.slots.make_dirs(index) {
+            Ok(slot) => slot,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot prepare a slot's work dir");
+                return;
+            }
+        };
+        let binds = self
+            .prepared_binds
+            .lock()
+            .map(|b| b.clone())
+            .unwrap_or_default();
+        let (command, control) =
+            match bwrap.build_prepared(&slot.dir, &self.sandbox_path, &binds, helper) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot build a prepared sandbox");
+                    return;
+                }
+            };
+        let ctx = RunContext {
+            uid: slot.uid,
+            cgroup: slot.cgroup.as_ref(),
+            // Upper bounds only: the helper lowers them to the stage's limits before exec.
+            limits: self.max_limits,
+            stdin: &[],
+            backend_processes: 2,
+            exit_code_encodes_signal: true,
+            launcher: slot.launcher(),
+        };
+        match start_stage(command, &ctx).await {
+            Ok(spawned) => {
+                if let Some(Ok(mut cell)) = self.prepared.get(index).map(|m| m.lock()) {
+                    *cell = Some(PreparedSandbox {
+                        spawned,
+                        control,
+                        binds,
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot start a prepared sandbox"),
+        }
+    }
+
+    /// Take slot `index`'s prepared sandbox if it suits `runtime`; discard it otherwise (a
+    /// slot's launcher serves one sandbox at a time).
+    async fn take_prepared(&self, index: usize, runtime: &Runtime) -> Option<PreparedSandbox> {
+        let taken = self.prepared.get(index)?.lock().ok()?.take();
+        let mut prepared = taken?;
+        let suits = runtime.backend == BackendKind::Bwrap
+            && runtime.ro_binds.iter().all(|b| prepared.binds.contains(b))
+            && !prepared.spawned.has_exited();
+        if suits {
+            return Some(prepared);
+        }
+        if let Ok(mut seen) = self.prepared_binds.lock() {
+            for bind in &runtime.ro_binds {
+                if !seen.contains(bind) {
+                    seen.push(bind.clone());
+                }
+            }
+        }
+        let slot = self.slots.slots.get(index);
+        drop(prepared.control);
+        prepared
+            .spawned
+            .discard(slot.and_then(|s| s.cgroup.as_ref()))
+            .await;
+        None
     }
 
     async fn run_stages(&self, request: &ExecutionRequest, slot_index: usize) -> ExecutionReport {
@@ -207,11 +384,12 @@ impl Executor {
                 .max(runtime.compile_limits.workdir_bytes),
             None => request.limits.workdir_bytes,
         };
+        let mut prepared = self.take_prepared(slot_index, runtime).await;
         let slot = match self.slots.prepare(
             slot_index,
             &request.files,
             workdir_bytes,
-            request.limits.memory_bytes,
+            prepared.is_none(),
         ) {
             Ok(slot) => slot,
             Err(e) => return fail(format!("preparing the work dir: {e}"), request.limits),
@@ -228,6 +406,7 @@ impl Executor {
                     request,
                     runtime.compile_limits,
                     &[],
+                    prepared.take(),
                 )
                 .await;
             if report.status != StageStatus::Ok {
@@ -251,6 +430,7 @@ impl Executor {
                 request,
                 request.limits,
                 &request.stdin,
+                prepared.take(),
             )
             .await;
         ExecutionReport {
@@ -269,6 +449,7 @@ impl Executor {
         request: &ExecutionRequest,
         limits: Limits,
         stdin: &[u8],
+        prepared: Option<PreparedSandbox>,
     ) -> StageReport {
         let mut argv = fill_template(template, &request.entry);
         argv.extend(args.iter().cloned());
@@ -288,10 +469,26 @@ impl Executor {
                 return StageReport::internal(e, limits);
             }
         }
+        let is_bwrap = backend.kind() == BackendKind::Bwrap;
+        let ctx = RunContext {
+            uid: slot.uid,
+            cgroup: slot.cgroup.as_ref(),
+            limits,
+            stdin,
+            backend_processes: if is_bwrap { 2 } else { 0 },
+            exit_code_encodes_signal: is_bwrap,
+            launcher: slot.launcher(),
+        };
+        if let Some(prepared) = prepared {
+            return self
+                .run_prepared(prepared, argv, &request.runtime.env, &ctx)
+                .await;
+        }
         let plan = StagePlan {
             argv,
             env: &request.runtime.env,
             ro_binds: &request.runtime.ro_binds,
+            ro_binds_at: &[],
             slot_dir: &slot.dir,
             path: &self.sandbox_path,
         };
@@ -299,21 +496,55 @@ impl Executor {
             Ok(c) => c,
             Err(e) => return StageReport::internal(e, limits),
         };
-        let is_bwrap = backend.kind() == BackendKind::Bwrap;
-        let launcher = slot.launcher();
-        run_stage(
-            command,
-            RunContext {
-                uid: slot.uid,
-                cgroup: slot.cgroup.as_ref(),
-                limits,
-                stdin,
-                backend_processes: if is_bwrap { 2 } else { 0 },
-                exit_code_encodes_signal: is_bwrap,
-                launcher: launcher.as_deref(),
-            },
-        )
-        .await
+        run_stage(command, ctx).await
+    }
+
+    /// Hand the stage's command to the helper waiting in a prepared sandbox.
+    async fn run_prepared(
+        &self,
+        prepared: PreparedSandbox,
+        argv: Vec<String>,
+        runtime_env: &[(String, String)],
+        ctx: &RunContext<'_>,
+    ) -> StageReport {
+        // Inside the sandbox's user namespace only bubblewrap's init shares the count with
+        // the stage (the cold path's limit also counts bubblewrap's outer process).
+        let ctx = &RunContext {
+            backend_processes: 1,
+            launcher: ctx.launcher.clone(),
+            ..*ctx
+        };
+        let bytes = |s: &std::ffi::OsStr| s.as_encoded_bytes().to_vec();
+        let mut argv = argv.into_iter().map(String::into_bytes);
+        let spec = ExecSpec {
+            program: argv.next().unwrap_or_default(),
+            args: argv.collect(),
+            env: super::sandbox::sandboxed_env(&self.sandbox_path, runtime_env)
+                .iter()
+                .map(|(k, v)| (bytes(k), bytes(v)))
+                .collect(),
+            rlimits: rlimits(ctx),
+        };
+        let started = Instant::now();
+        let json = match serde_json::to_vec(&spec) {
+            Ok(j) => j,
+            Err(e) => return StageReport::internal(e.to_string(), ctx.limits),
+        };
+        let control = std::fs::File::from(prepared.control);
+        // A large command may not fit the pipe at once; the helper reads while we write.
+        let written = tokio::task::spawn_blocking(move || {
+            let mut control = control;
+            std::io::Write::write_all(&mut control, &json)
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            prepared.spawned.discard(ctx.cgroup).await;
+            return StageReport::internal(
+                "the prepared sandbox did not take the command",
+                ctx.limits,
+            );
+        }
+        supervise(prepared.spawned, ctx, started).await
     }
 }
 

@@ -118,16 +118,56 @@ fn read_frame<T: for<'de> Deserialize<'de>>(stream: &mut StdUnixStream) -> Optio
 pub fn launcher_main() -> ! {
     // Never the OOM killer's choice inside the slot's memory cgroup; stages reset this.
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+    // Processes a stage leaves behind (killed with its pid namespace) are reparented here,
+    // not to the host's init, so they are reaped at once: until then they would count
+    // against the slot uid's process limit in the slot's next run.
+    // SAFETY: prctl with plain integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     // SAFETY: the daemon put our end of the socket at SOCKET_FD before exec.
     let mut stream = unsafe { StdUnixStream::from_raw_fd(SOCKET_FD) };
     loop {
+        // Between stages, reap orphans while any remain, waking every 10 ms to do so.
+        while reap_orphans() {
+            let mut poll = libc::pollfd {
+                fd: SOCKET_FD,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut poll, 1, 10) } > 0 {
+                break;
+            }
+        }
         let Some(fds) = recv_fds(SOCKET_FD) else {
-            std::process::exit(0)
+            shut_down()
         };
         match read_frame::<Request>(&mut stream) {
             Some(Request::Spawn(spec)) => serve_one(&mut stream, spec, fds),
             Some(Request::Kill) => {}
-            None => std::process::exit(0),
+            None => shut_down(),
+        }
+    }
+}
+
+/// The daemon closed the socket: reap what is left (it was killed) and exit, so that no
+/// process of the slot's uid outlives the slot.
+fn shut_down() -> ! {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while reap_orphans() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::process::exit(0)
+}
+
+/// Reap every exited child; true while some children are still running.
+fn reap_orphans() -> bool {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out-pointer.
+        match unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } {
+            0 => return true,
+            pid if pid > 0 => continue,
+            _ => return false,
         }
     }
 }
@@ -291,9 +331,10 @@ fn supervise(stream: &mut StdUnixStream, pid: libc::pid_t) {
                 }
                 Some(Request::Spawn(_)) => {}
                 None => {
-                    // The daemon is gone: take the stage down with us.
+                    // The daemon is gone or closing the slot: take the stage down with us.
+                    // SAFETY: the leader is unreaped, so the group id is still ours.
                     unsafe { libc::kill(-pid, libc::SIGKILL) };
-                    std::process::exit(0);
+                    shut_down();
                 }
             }
         }
@@ -454,6 +495,21 @@ impl Launcher {
         }
     }
 
+    /// The stage's exit if it has already been reported (never waits).
+    pub(crate) fn try_exited(&self) -> Option<Result<(i32, u64, u64), String>> {
+        let mut replies = self.replies.try_lock().ok()?;
+        match replies.try_recv() {
+            Ok(Reply::Exited {
+                status,
+                cpu_us,
+                maxrss_kb,
+            }) => Some(Ok((status, cpu_us, maxrss_kb))),
+            Ok(_) => Some(Err("launcher protocol error".into())),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err("the launcher exited".into())),
+        }
+    }
+
     /// Ask for the stage's process group to be killed.
     pub(crate) async fn kill(&self) {
         let _ = self.send(&Request::Kill, &[]).await;
@@ -484,9 +540,18 @@ impl Launcher {
 }
 
 impl Drop for Launcher {
+    /// Close the socket so the launcher kills its stage, reaps everything and exits; force
+    /// it after two seconds.
     fn drop(&mut self) {
         self.reader.abort();
+        // SAFETY: shutting down a socket we own; the descriptor stays valid until the
+        // write half is dropped after this.
+        unsafe { libc::shutdown(self.raw_fd, libc::SHUT_RDWR) };
         if let Ok(mut p) = self.process.lock() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            while matches!(p.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             let _ = p.kill();
             let _ = p.wait();
         }

@@ -13,6 +13,7 @@ mod report;
 mod runner;
 pub mod sandbox;
 mod slots;
+mod stage_exec;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ pub use limits::{LimitExceeded, Limits, LimitsOverride};
 pub use observer::{ExecutionObserver, NoopObserver};
 pub use report::{ExecutionReport, LimitKind, StageReport, StageStatus};
 pub use slots::MemoryEnforcement;
+pub use stage_exec::{STAGE_EXEC_ARG, stage_exec_main};
 
 use crate::runtimes::Runtime;
 

@@ -35,10 +35,10 @@ pub(crate) struct RunContext<'a> {
     /// bubblewrap reports a signal death as exit code 128 + signal.
     pub(crate) exit_code_encodes_signal: bool,
     /// The slot's launcher, when it has one (see `launcher.rs`).
-    pub(crate) launcher: Option<&'a Launcher>,
+    pub(crate) launcher: Option<Arc<Launcher>>,
 }
 
-fn rlimits(ctx: &RunContext<'_>) -> Vec<Rlimit> {
+pub(crate) fn rlimits(ctx: &RunContext<'_>) -> Vec<Rlimit> {
     let l = &ctx.limits;
     let cpu_seconds = l.cpu_time_ms.div_ceil(1000).max(1);
     let limit = |resource: libc::__rlimit_resource_t, soft: u64, hard: u64| Rlimit {
@@ -88,25 +88,46 @@ struct Exit {
 }
 
 /// A started stage: its pid, the parent's ends of its pipes, and how to watch its exit.
-struct Spawned<'a> {
+pub(crate) struct Spawned {
     pid: libc::pid_t,
     stdin: Option<pipe::Sender>,
     stdout: Option<pipe::Receiver>,
     stderr: Option<pipe::Receiver>,
-    exit_watch: ExitWatch<'a>,
+    exit_watch: ExitWatch,
 }
 
-enum ExitWatch<'a> {
+enum ExitWatch {
     /// Forked by the daemon: a blocking thread waits for the exit without reaping it.
     Direct { waiter: tokio::task::JoinHandle<()> },
     /// Forked by the slot's launcher, which kills, reaps and reports.
     Launched {
-        launcher: &'a Launcher,
+        launcher: Arc<Launcher>,
         result: Option<Result<(i32, u64, u64), String>>,
     },
 }
 
-impl ExitWatch<'_> {
+impl Spawned {
+    /// Whether the stage's process has already exited (without waiting).
+    pub(crate) fn has_exited(&mut self) -> bool {
+        match &mut self.exit_watch {
+            ExitWatch::Direct { waiter } => waiter.is_finished(),
+            ExitWatch::Launched { launcher, result } => {
+                if result.is_none() {
+                    *result = launcher.try_exited();
+                }
+                result.is_some()
+            }
+        }
+    }
+
+    /// Kill it and wait for it to be gone (for a prepared sandbox that is not used).
+    pub(crate) async fn discard(mut self, cgroup: Option<&MemoryCgroup>) {
+        self.exit_watch.kill(self.pid, cgroup).await;
+        let _ = self.exit_watch.finish(self.pid, cgroup).await;
+    }
+}
+
+impl ExitWatch {
     /// Resolves when the stage's leader has exited (cancel-safe).
     async fn exited(&mut self) {
         match self {
@@ -191,7 +212,7 @@ fn to_owned_pipes(
 
 /// Fork from the daemon. The child joins the slot's cgroups itself (costly on cgroup v1,
 /// which is why slots with cgroups use a launcher when one is available).
-fn spawn_direct<'a>(cmd: SandboxCommand, ctx: &RunContext<'_>) -> Result<Spawned<'a>, String> {
+fn spawn_direct(cmd: SandboxCommand, ctx: &RunContext<'_>) -> Result<Spawned, String> {
     let mut cgroup_procs = Vec::new();
     for path in ctx
         .cgroup
@@ -276,11 +297,11 @@ fn pipe_pair() -> Result<(OwnedFd, OwnedFd), String> {
 }
 
 /// Have the slot's launcher fork the stage inside the slot's cgroups.
-async fn spawn_launched<'a>(
-    launcher: &'a Launcher,
+async fn spawn_launched(
+    launcher: Arc<Launcher>,
     cmd: SandboxCommand,
     ctx: &RunContext<'_>,
-) -> Result<Spawned<'a>, String> {
+) -> Result<Spawned, String> {
     if cmd.pass_fds.len() > MAX_PASS_FDS {
         return Err("too many descriptors to pass".into());
     }
@@ -306,7 +327,7 @@ async fn spawn_launched<'a>(
     // The child has its copies now; ours of its ends must close so EOF can arrive.
     drop((stdin_r, stdout_w, stderr_w, cmd.pass_fds));
     let watch = ExitWatch::Launched {
-        launcher,
+        launcher: Arc::clone(&launcher),
         result: None,
     };
     match to_owned_pipes(Some(stdin_w), Some(stdout_r), Some(stderr_r)) {
@@ -324,26 +345,42 @@ async fn spawn_launched<'a>(
     }
 }
 
+/// Start a stage's process (through the slot's launcher when there is one).
+pub(crate) async fn start_stage(
+    cmd: SandboxCommand,
+    ctx: &RunContext<'_>,
+) -> Result<Spawned, String> {
+    match ctx.launcher.clone() {
+        Some(launcher) => spawn_launched(launcher, cmd, ctx).await,
+        None => spawn_direct(cmd, ctx),
+    }
+}
+
 /// Run one stage to completion. Never panics; spawn failures become `InternalError`.
 pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> StageReport {
+    let started = Instant::now();
+    match start_stage(cmd, &ctx).await {
+        Ok(spawned) => supervise(spawned, &ctx, started).await,
+        Err(e) => StageReport::internal(e, ctx.limits),
+    }
+}
+
+/// Feed, read, time and end a started stage, and report on it.
+pub(crate) async fn supervise(
+    spawned: Spawned,
+    ctx: &RunContext<'_>,
+    started: Instant,
+) -> StageReport {
     let limits = ctx.limits;
     let oom_before = ctx.cgroup.map(MemoryCgroup::oom_kills).unwrap_or(0);
     let cpu_before = ctx.cgroup.and_then(MemoryCgroup::cpu_usage);
-    let started = Instant::now();
-    let spawned = match ctx.launcher {
-        Some(launcher) => spawn_launched(launcher, cmd, &ctx).await,
-        None => spawn_direct(cmd, &ctx),
-    };
     let Spawned {
         pid,
         stdin,
         stdout,
         stderr,
         mut exit_watch,
-    } = match spawned {
-        Ok(s) => s,
-        Err(e) => return StageReport::internal(e, limits),
-    };
+    } = spawned;
 
     let overflow = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);

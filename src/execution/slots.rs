@@ -192,32 +192,42 @@ impl SlotPool {
     }
 
     /// Empty the slot's work dir and /tmp, size them, and write the submission's files.
+    ///
+    /// With `fresh_dirs` false the dirs were made empty by [`SlotPool::make_dirs`] when a
+    /// prepared sandbox was set up on them (which binds them, so they must not be replaced).
     pub(crate) fn prepare(
         &self,
         index: usize,
         files: &[SourceFile],
         workdir_bytes: u64,
-        memory_bytes: u64,
+        fresh_dirs: bool,
     ) -> Result<&Slot, String> {
         let slot = self.slots.get(index).ok_or("no such slot")?;
-        self.clear(index);
+        if fresh_dirs {
+            self.make_dirs(index)?;
+        }
+        // tmpfs size changes apply to mounts already bound into a sandbox, too.
         if slot.mounted && slot.mounted_size.load(Ordering::Relaxed) != workdir_bytes {
             remount_tmpfs(&slot.dir, workdir_bytes)?;
             slot.mounted_size.store(workdir_bytes, Ordering::Relaxed);
         }
         let box_dir = slot.dir.join("box");
-        for dir in [&box_dir, &slot.dir.join("tmp")] {
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            chown(dir, slot.uid)?;
-        }
         for file in files {
             write_file(&box_dir, file, slot.uid)?;
         }
-        if let Some(cg) = &slot.cgroup {
-            cg.prepare(memory_bytes)?;
+        Ok(slot)
+    }
+
+    /// Empty the slot and create its `box/` and `tmp/`, owned by the slot's uid.
+    pub(crate) fn make_dirs(&self, index: usize) -> Result<&Slot, String> {
+        let slot = self.slots.get(index).ok_or("no such slot")?;
+        self.clear(index);
+        for dir in [slot.dir.join("box"), slot.dir.join("tmp")] {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            chown(&dir, slot.uid)?;
         }
         Ok(slot)
     }
@@ -241,6 +251,11 @@ impl Drop for SlotPool {
     fn drop(&mut self) {
         for slot in &self.slots {
             if let Ok(mut l) = slot.launcher.lock() {
+                // Anything that escaped its stage's process group dies first, so the
+                // launcher can reap everything before it exits.
+                if let Some(cg) = &slot.cgroup {
+                    cg.kill_all(l.as_ref().and_then(|l| l.pid()));
+                }
                 l.take();
             }
             if let Some(cg) = &slot.cgroup {

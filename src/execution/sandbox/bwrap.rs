@@ -12,8 +12,10 @@ use std::io::{Seek, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use super::{SandboxBackend, SandboxCommand, StagePlan, base_env};
+use super::{SandboxBackend, SandboxCommand, StagePlan};
 use crate::config::BackendKind;
+use crate::execution::child::PASS_FD_BASE;
+use crate::execution::stage_exec::{HELPER_PATH, STAGE_EXEC_ARG};
 
 /// Top-level directories that merged-/usr systems make symlinks into /usr.
 const USR_LINKS: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
@@ -89,6 +91,45 @@ fn memfd_with(bytes: &[u8]) -> Result<OwnedFd, String> {
     Ok(OwnedFd::from(file))
 }
 
+impl BwrapBackend {
+    /// A sandbox set up ahead of its stage: it runs the stage-exec helper (this binary,
+    /// bound at `HELPER_PATH`), which waits for the command on a pipe. Returns the command
+    /// and the pipe's write end.
+    pub(crate) fn build_prepared(
+        &self,
+        slot_dir: &Path,
+        path: &str,
+        ro_binds: &[PathBuf],
+        helper: &Path,
+    ) -> Result<(SandboxCommand, OwnedFd), String> {
+        let control_fd = PASS_FD_BASE + self.seccomp.len() as i32;
+        let binds_at = [(helper.to_path_buf(), PathBuf::from(HELPER_PATH))];
+        let plan = StagePlan {
+            argv: vec![
+                HELPER_PATH.into(),
+                STAGE_EXEC_ARG.into(),
+                control_fd.to_string(),
+            ],
+            env: &[],
+            ro_binds,
+            ro_binds_at: &binds_at,
+            slot_dir,
+            path,
+        };
+        let mut command = self.build(&plan)?;
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two descriptors into a valid array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // The runner places it at PASS_FD_BASE + seccomp.len(), i.e. `control_fd`.
+        command.pass_fds.push(read);
+        Ok((command, write))
+    }
+}
+
 impl SandboxBackend for BwrapBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Bwrap
@@ -130,9 +171,13 @@ impl SandboxBackend for BwrapBackend {
                 "--clearenv".as_ref(),
             ],
         );
-        let mut env = base_env(plan.path, Path::new("/box"), Path::new("/tmp"));
-        env.extend(plan.env.iter().map(|(k, v)| (k.into(), v.into())));
-        for (key, value) in &env {
+        for (src, dest) in plan.ro_binds_at {
+            push(
+                &mut args,
+                ["--ro-bind".as_ref(), src.as_os_str(), dest.as_os_str()],
+            );
+        }
+        for (key, value) in &super::sandboxed_env(plan.path, plan.env) {
             push(
                 &mut args,
                 ["--setenv".as_ref(), key.as_os_str(), value.as_os_str()],
@@ -145,11 +190,7 @@ impl SandboxBackend for BwrapBackend {
         for (i, program) in self.seccomp.iter().enumerate() {
             // The runner moves pass_fds[i] to PASS_FD_BASE + i in the child.
             args.push("--add-seccomp-fd".into());
-            args.push(
-                (crate::execution::child::PASS_FD_BASE + i as i32)
-                    .to_string()
-                    .into(),
-            );
+            args.push((PASS_FD_BASE + i as i32).to_string().into());
             pass_fds.push(memfd_with(program)?);
         }
         args.push("--".into());

@@ -24,6 +24,8 @@ pub struct StagePlan<'a> {
     pub env: &'a [(String, String)],
     /// Extra read-only host paths this runtime needs.
     pub ro_binds: &'a [PathBuf],
+    /// Host files bound read-only at another path inside (source, destination).
+    pub ro_binds_at: &'a [(PathBuf, PathBuf)],
     /// The slot's host directory holding `box/` (work dir) and `tmp/`.
     pub slot_dir: &'a Path,
     /// PATH inside the sandbox.
@@ -45,6 +47,16 @@ pub struct SandboxCommand {
 pub trait SandboxBackend: Send + Sync {
     fn kind(&self) -> BackendKind;
     fn build(&self, plan: &StagePlan<'_>) -> Result<SandboxCommand, String>;
+}
+
+/// The environment of a stage inside a bubblewrap sandbox: the base plus the runtime's.
+pub(crate) fn sandboxed_env(
+    path: &str,
+    runtime_env: &[(String, String)],
+) -> Vec<(OsString, OsString)> {
+    let mut env = base_env(path, Path::new("/box"), Path::new("/tmp"));
+    env.extend(runtime_env.iter().map(|(k, v)| (k.into(), v.into())));
+    env
 }
 
 /// The environment every stage starts from; nothing of the daemon's environment leaks in.
