@@ -21,7 +21,14 @@ struct Daemon {
 }
 
 impl Drop for Daemon {
+    /// Stop it the way an operator would (SIGTERM), so it cleans up its slots.
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -144,9 +151,10 @@ async fn the_process_backend_warns_loudly() {
                 .unwrap_or("")
                 .contains("isolation is OFF")
         );
-        let _ = daemon.child.kill();
+        let out = daemon.child.stdout.take();
+        drop(daemon);
         let mut log = String::new();
-        if let Some(mut out) = daemon.child.stdout.take() {
+        if let Some(mut out) = out {
             std::io::Read::read_to_string(&mut out, &mut log).expect("log");
         }
         assert!(log.contains("ISOLATION IS OFF"), "{log}");
@@ -195,6 +203,38 @@ async fn sighup_reloads_runtimes_toml() {
             assert!(Instant::now() < deadline, "SIGHUP did not reload");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dead_daemons_leftovers_are_swept_at_start() {
+    bounded(60, async {
+        let mut first = start(&[]).await;
+        let health: serde_json::Value = reqwest::get(format!("{}/health", first.base))
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(health["workdir_size_enforced"], true);
+        // Find its work root through its owner file, then kill it without a chance to clean.
+        let pid = first.child.id().to_string();
+        let root = std::fs::read_dir(std::env::temp_dir())
+            .expect("tmp")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| std::fs::read_to_string(p.join("owner.pid")).is_ok_and(|o| o.trim() == pid))
+            .expect("the daemon's work root");
+        first.child.kill().expect("kill");
+        first.child.wait().expect("wait");
+        assert!(root.exists(), "SIGKILL leaves the work root behind");
+        let _second = start(&[]).await;
+        assert!(
+            !root.exists(),
+            "the next daemon removes it: {}",
+            root.display()
+        );
     })
     .await;
 }

@@ -356,7 +356,8 @@ async fn nothing_is_left_behind_after_an_attack_run() {
         // slot is cleaned right after the answer is sent, so give it a moment.
         let leftovers = || {
             let mut left = Vec::new();
-            for slot in std::fs::read_dir(&info.work_root).expect("work root").flatten() {
+            let slots = std::fs::read_dir(&info.work_root).expect("work root").flatten();
+            for slot in slots.filter(|e| e.path().is_dir()) {
                 for sub in std::fs::read_dir(slot.path()).expect("slot").flatten() {
                     if !["box", "tmp"].contains(&sub.file_name().to_str().unwrap_or("")) {
                         left.push(sub.path());

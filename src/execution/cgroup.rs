@@ -74,6 +74,50 @@ impl CgroupRoot {
         Err("no memory cgroup controller is mounted".into())
     }
 
+    /// Remove the cgroups a dead daemon left under `name` (killing anything still inside).
+    pub(crate) fn remove_stale(name: &str) {
+        let Ok(self_cgroup) = std::fs::read_to_string("/proc/self/cgroup") else {
+            return;
+        };
+        let mut bases = Vec::new();
+        for controller in ["memory", "cpuacct"] {
+            let own = self_cgroup.lines().find_map(|l| {
+                let mut parts = l.splitn(3, ':');
+                let _id = parts.next()?;
+                let controllers = parts.next()?;
+                let path = parts.next()?;
+                controllers
+                    .split(',')
+                    .any(|c| c == controller)
+                    .then_some(path)
+            });
+            if let Some(own) = own {
+                bases.push(
+                    Path::new("/sys/fs/cgroup")
+                        .join(controller)
+                        .join(own.trim_start_matches('/'))
+                        .join(name),
+                );
+            }
+        }
+        if let Some(own) = self_cgroup.lines().find_map(|l| l.strip_prefix("0::")) {
+            let dir = Path::new("/sys/fs/cgroup").join(own.trim_start_matches('/'));
+            bases.push(dir.parent().unwrap_or(&dir).join(name));
+        }
+        for base in bases.iter().filter(|b| b.is_dir()) {
+            let slots = std::fs::read_dir(base).into_iter().flatten().flatten();
+            for slot in slots.filter(|e| e.path().is_dir()) {
+                let cg = MemoryCgroup {
+                    dir: slot.path(),
+                    version: CgroupVersion::V1,
+                    cpuacct_dir: None,
+                };
+                cg.remove();
+            }
+            let _ = std::fs::remove_dir(base);
+        }
+    }
+
     pub(crate) fn slot(&self, index: usize) -> Result<MemoryCgroup, String> {
         let dir = self.dir.join(format!("slot-{index}"));
         match std::fs::create_dir(&dir) {
@@ -290,14 +334,18 @@ impl MemoryCgroup {
 
     pub(crate) fn remove(&self) {
         self.kill_all(None);
-        if let Some(d) = self.cpuacct_dir.as_ref().filter(|d| **d != self.dir) {
-            let _ = std::fs::remove_dir(d);
-        }
+        let dirs: Vec<&PathBuf> = std::iter::once(&self.dir)
+            .chain(self.cpuacct_dir.iter().filter(|d| **d != self.dir))
+            .collect();
         // rmdir fails while the last killed processes are still exiting; retry briefly.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+        for _ in 0..100 {
+            for dir in &dirs {
+                let _ = std::fs::remove_dir(dir);
+            }
+            if dirs.iter().all(|d| !d.exists()) {
                 return;
             }
+            self.kill_all(None);
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         tracing::warn!(cgroup = %self.dir.display(), "could not remove cgroup");

@@ -104,11 +104,15 @@ fn is_root() -> bool {
 
 impl SlotPool {
     pub(crate) fn new(opts: &SlotOptions<'_>) -> Result<SlotPool, String> {
+        sweep_stale(opts.work_root);
         let root = tempfile::Builder::new()
             .prefix("mde-")
             .tempdir_in(opts.work_root)
             .map_err(|e| format!("creating work root in {}: {e}", opts.work_root.display()))?
             .keep();
+        // Lets a later daemon tell our work root from a dead daemon's (see `sweep_stale`).
+        std::fs::write(root.join(OWNER_FILE), std::process::id().to_string())
+            .map_err(|e| format!("writing {}: {e}", root.join(OWNER_FILE).display()))?;
         // Slot uids must be able to reach their own directories, and nothing else here.
         set_mode(&root, 0o711)?;
         let root_user = is_root();
@@ -148,6 +152,7 @@ impl SlotPool {
             per_slot_uid: root_user,
             sized_workdir: root_user && opts.tmpfs_workdir,
         };
+        let mut all_mounted = true;
         let mut next_uid = opts.uid_base;
         let exe = if opts.use_launcher {
             launcher_executable()
@@ -167,6 +172,7 @@ impl SlotPool {
                 .create(&dir)
                 .map_err(|e| format!("creating {}: {e}", dir.display()))?;
             let mounted = pool.sized_workdir && mount_tmpfs(&dir, opts.workdir_bytes)?;
+            all_mounted &= mounted;
             let cgroup = match &pool.cgroup_root {
                 Some(root) => Some(root.slot(index)?),
                 None => None,
@@ -184,6 +190,8 @@ impl SlotPool {
                 _uid_lock: lock,
             });
         }
+        // Report what is enforced, not what was asked for: the mount may have been refused.
+        pool.sized_workdir = all_mounted;
         Ok(pool)
     }
 
@@ -272,6 +280,45 @@ impl Drop for SlotPool {
             root.remove();
         }
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+const OWNER_FILE: &str = "owner.pid";
+
+/// Remove work roots, slot mounts and cgroups left by daemons that died without cleaning
+/// up (SIGKILL, a crash). A work root is stale when the pid in its owner file is gone.
+fn sweep_stale(work_root: &Path) {
+    let Ok(entries) = std::fs::read_dir(work_root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("mde-") {
+            continue;
+        }
+        let Ok(owner) = std::fs::read_to_string(entry.path().join(OWNER_FILE)) else {
+            continue;
+        };
+        let alive = owner
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|pid| Path::new("/proc").join(pid.to_string()).exists());
+        if alive {
+            continue;
+        }
+        tracing::info!(path = %entry.path().display(), "removing a dead daemon's work root");
+        CgroupRoot::remove_stale(&name);
+        for slot in std::fs::read_dir(entry.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(c) = cstring(&slot.path()) {
+                // SAFETY: `c` is a valid C string; failing (not a mount point) is fine.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let _ = std::fs::remove_dir_all(entry.path());
     }
 }
 
