@@ -48,6 +48,10 @@ pub struct ServerSettings {
     pub port: u16,
     /// Largest accepted request body; larger ones get 413 with a JSON error.
     pub max_body_bytes: usize,
+    /// When not empty, `/submit_code` and `/api/v1/*` need one of these keys, as
+    /// `Authorization: Bearer KEY` or `X-API-Key: KEY`. Health, readiness, metrics and the
+    /// docs stay open.
+    pub api_keys: Vec<String>,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` wins when set.
     pub log_level: String,
     /// How long a graceful shutdown waits for in-flight executions.
@@ -137,6 +141,7 @@ impl Default for ServerSettings {
             host: IpAddr::from([127, 0, 0, 1]),
             port: 8000,
             max_body_bytes: 2 * 1024 * 1024,
+            api_keys: Vec::new(),
             log_level: "info".into(),
             shutdown_grace_seconds: 15,
         }
@@ -218,6 +223,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("sandbox.ro_binds")
+                .with_list_parse_key("server.api_keys")
                 .try_parsing(true)
                 .source(Some(vars)),
         );
@@ -230,6 +236,12 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        if self.server.api_keys.iter().any(|k| k.len() < 16) {
+            return Err(invalid(
+                "server.api_keys",
+                "every key must be at least 16 characters",
+            ));
         }
         if self.execution.queue_size > 100_000 {
             return Err(invalid("execution.queue_size", "must be at most 100000"));

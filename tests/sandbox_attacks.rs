@@ -62,9 +62,11 @@ async fn check_process_limit(t: TestApp) {
             .nth(2)
             .and_then(|n| n.parse().ok())
             .unwrap_or(999);
-        assert_eq!(
-            n, 9,
-            "a limit of 10 processes is the program and 9 children: {run}"
+        // At most 9 children: the program itself is one of the 10. (Fewer when processes
+        // of an earlier run on the same uid are still being reaped.)
+        assert!(
+            (1..=9).contains(&n),
+            "a limit of 10 processes: forked {n}: {run}"
         );
     }
 }
@@ -303,11 +305,11 @@ async fn mount_unshare_and_setuid_are_denied() {
 async fn writing_outside_the_work_dir_fails() {
     bounded(60, async {
         let t = app_with(test_settings()).await;
-        let code = "for p in ['/usr/evil', '/etc/evil', '/evil', '/proc/evil', '/box/ok', '/tmp/ok']:\n    try:\n        open(p, 'w').write('x'); print(p, 'written')\n    except OSError:\n        print(p, 'denied')";
+        let code = "for p in ['/usr/evil', '/etc/evil', '/evil', '/proc/evil', '/dev/shm/evil', '/dev/evil', '/box/ok', '/tmp/ok']:\n    try:\n        open(p, 'w').write('x'); print(p, 'written')\n    except OSError:\n        print(p, 'denied')";
         let run = run_py(&t, code, json!({})).await;
         assert_eq!(
             run["stdout"],
-            "/usr/evil denied\n/etc/evil denied\n/evil denied\n/proc/evil denied\n/box/ok written\n/tmp/ok written\n",
+            "/usr/evil denied\n/etc/evil denied\n/evil denied\n/proc/evil denied\n/dev/shm/evil denied\n/dev/evil denied\n/box/ok written\n/tmp/ok written\n",
             "{run}"
         );
         assert!(!std::path::Path::new("/usr/evil").exists());
@@ -386,6 +388,21 @@ async fn nothing_is_left_behind_after_an_attack_run() {
         if let Some(cg) = info.cgroup_dir {
             assert!(!cg.exists(), "cgroup {} removed at shutdown", cg.display());
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn no_descriptor_of_the_daemon_reaches_the_sandbox() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let code = "import os\nfds = sorted(int(f) for f in os.listdir('/proc/self/fd'))\nprint(fds)";
+        // The first run uses a prepared sandbox, the run after a compile a fresh one.
+        let run = run_py(&t, code, json!({})).await;
+        assert_eq!(run["stdout"], "[0, 1, 2, 3]\n", "only stdio (3 is listdir's own): {run}");
+        let c = "#include <stdio.h>\n#include <dirent.h>\nint main(void){DIR*d=opendir(\"/proc/self/fd\");struct dirent*e;int n=0;while((e=readdir(d)))n++;printf(\"%d\\n\",n-2);return 0;}";
+        let r = t.execute(json!({"runtime": "c", "code": c})).await;
+        assert_eq!(r["run"]["stdout"], "4\n", "0, 1, 2 and opendir's own: {r}");
     })
     .await;
 }

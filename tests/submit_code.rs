@@ -277,3 +277,48 @@ async fn swagger_ui_and_spec_are_served() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn api_keys_guard_the_code_running_endpoints_only() {
+    bounded(30, async {
+        let mut s = test_settings();
+        s.server.api_keys = vec!["k3y-for-tests-0123456789".into()];
+        let t = app_with(s).await;
+        let body = json!({"code": "print(1)"});
+        let (status, err) = t.post("/submit_code", &body).await;
+        assert_eq!(status, 401);
+        assert_eq!(err["code"], "unauthorized");
+        let resp = t
+            .client
+            .post("/submit_code")
+            .header("authorization", "Bearer wrong-key-0123456789")
+            .body_json(&body)
+            .send()
+            .await;
+        assert_eq!(resp.0.status().as_u16(), 401);
+        for (header, value) in [
+            ("authorization", "Bearer k3y-for-tests-0123456789"),
+            ("x-api-key", "k3y-for-tests-0123456789"),
+        ] {
+            let resp = t
+                .client
+                .post("/submit_code")
+                .header(header, value)
+                .body_json(&body)
+                .send()
+                .await;
+            assert_eq!(resp.0.status().as_u16(), 200, "{header}");
+        }
+        let resp = t.client.get("/api/v1/runtimes").send().await;
+        assert_eq!(resp.0.status().as_u16(), 401);
+        for open in ["/health", "/metrics", "/openapi.json"] {
+            assert_eq!(t.get(open).await.0, 200, "{open} stays open");
+        }
+        let (_, metrics) = t.get("/metrics").await;
+        assert!(
+            metrics.contains("mde_requests_rejected_total{reason=\"unauthorized\"} 2"),
+            "{metrics}"
+        );
+    })
+    .await;
+}

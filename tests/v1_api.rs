@@ -329,6 +329,30 @@ async fn invalid_requests_get_typed_errors() {
         .await;
         expect_422(
             &t,
+            json!({"code": "x", "limits": {"memory_bytes": 1}}),
+            "limit_exceeded",
+            "minimum",
+        )
+        .await;
+        expect_422(
+            &t,
+            json!({"files": [{"name": "a", "content": "x"}, {"name": "a/b", "content": "y"}]}),
+            "invalid_request",
+            "collide",
+        )
+        .await;
+        expect_422(
+            &t,
+            json!({"code": "#".repeat(1_500_000), "limits": {"workdir_bytes": 1 << 20}}),
+            "invalid_request",
+            "workdir_bytes",
+        )
+        .await;
+        // None of that upset the slots: the next run is normal.
+        let r = t.execute(json!({"code": "print('still fine')"})).await;
+        assert_eq!(r["run"]["stdout"], "still fine\n");
+        expect_422(
+            &t,
             json!({"code": "x", "runtime": "brainfuck"}),
             "unknown_runtime",
             "brainfuck",

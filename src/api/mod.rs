@@ -125,6 +125,7 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = Response> {
     let spec = api.spec_endpoint();
     let max_body = state.settings.server.max_body_bytes;
     let metrics = Arc::clone(&state.metrics);
+    let api_keys = Arc::new(state.settings.server.api_keys.clone());
     Route::new()
         .at("/openapi.json", spec)
         .nest("/docs", ui)
@@ -142,6 +143,7 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = Response> {
             };
             json_error(status, code, err.to_string())
         })
+        .around(move |ep, req| require_api_key(ep, req, Arc::clone(&api_keys)))
         .around(move |ep, req| count_rejections(ep, req, Arc::clone(&metrics)))
         .around(with_request_id)
         .data(state)
@@ -158,6 +160,46 @@ async fn metrics_endpoint(state: poem::web::Data<&AppState>) -> Response {
             .into_response(),
         Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e),
     }
+}
+
+/// Compare in time independent of where the first difference is.
+fn same_key(given: &[u8], key: &[u8]) -> bool {
+    given.len() == key.len() && given.iter().zip(key).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// With `server.api_keys` set, code-running endpoints need a key; others stay open.
+async fn require_api_key<E: Endpoint>(
+    ep: Arc<E>,
+    req: Request,
+    keys: Arc<Vec<String>>,
+) -> poem::Result<Response> {
+    let path = req.uri().path();
+    let protected = path == "/submit_code" || path.starts_with("/api/v1/");
+    if keys.is_empty() || !protected {
+        return ep.call(req).await.map(IntoResponse::into_response);
+    }
+    let given = req
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| req.header("x-api-key"))
+        .map(str::trim)
+        .unwrap_or_default();
+    if keys
+        .iter()
+        .any(|k| same_key(given.as_bytes(), k.as_bytes()))
+    {
+        return ep.call(req).await.map(IntoResponse::into_response);
+    }
+    let mut resp = json_error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "a valid API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+    );
+    resp.headers_mut().insert(
+        poem::http::header::WWW_AUTHENTICATE,
+        poem::http::HeaderValue::from_static("Bearer"),
+    );
+    Ok(resp)
 }
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);

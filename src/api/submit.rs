@@ -68,6 +68,9 @@ pub enum SubmitResponse {
     /// The body is not valid JSON or lacks `code`.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
+    /// A valid API key is required (only when `server.api_keys` is set).
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
     /// The body is larger than `server.max_body_bytes`.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
@@ -110,6 +113,9 @@ impl SubmitApi {
             Err(e) => return ApiError::from(e).into(),
         };
         let request = ExecutionRequest::single_file(runtime, body.code);
+        if let Err(e) = request.validate() {
+            return ApiError::Unprocessable(ErrorBody::new("invalid_request", e)).into();
+        }
         match state.run(&request_id, request).await {
             Ok(report) => match to_seed_shape(&report) {
                 Some(response) => SubmitResponse::Ok(Json(response)),

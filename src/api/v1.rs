@@ -240,6 +240,9 @@ pub enum ExecuteResult {
     /// The body is not valid JSON or has wrongly typed fields.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
+    /// A valid API key is required (only when `server.api_keys` is set).
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
     /// The body is larger than `server.max_body_bytes`.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
@@ -346,14 +349,16 @@ fn to_core_request(state: &AppState, body: ExecuteRequest) -> Result<ExecutionRe
     }
     let asked = body.limits.map(to_override).unwrap_or_default();
     let limits = runtime.limits.apply_request(&asked, &runtime.max_limits)?;
-    Ok(ExecutionRequest {
+    let request = ExecutionRequest {
         runtime,
         files,
         entry,
         stdin: body.stdin.unwrap_or_default().into_bytes(),
         args,
         limits,
-    })
+    };
+    request.validate().map_err(invalid)?;
+    Ok(request)
 }
 
 fn to_override(l: RequestLimits) -> LimitsOverride {
@@ -499,6 +504,16 @@ pub struct RuntimeInfo {
     pub compile_limits: Option<LimitsInfo>,
 }
 
+#[derive(ApiResponse)]
+pub enum RuntimesResponse {
+    /// Every configured runtime.
+    #[oai(status = 200)]
+    Ok(Json<Vec<RuntimeInfo>>),
+    /// A valid API key is required (only when `server.api_keys` is set).
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+}
+
 pub struct RuntimesApi;
 
 #[OpenApi(prefix_path = "/api/v1")]
@@ -508,9 +523,9 @@ impl RuntimesApi {
     /// Every runtime in runtimes.toml with its names, version, effective limits and
     /// whether it can run on this server (and why not).
     #[oai(path = "/runtimes", method = "get", tag = "ApiTags::Runtimes")]
-    async fn runtimes(&self, state: poem::web::Data<&AppState>) -> Json<Vec<RuntimeInfo>> {
+    async fn runtimes(&self, state: poem::web::Data<&AppState>) -> RuntimesResponse {
         let set = state.runtimes.snapshot();
-        Json(
+        RuntimesResponse::Ok(Json(
             set.runtimes
                 .iter()
                 .map(|r| RuntimeInfo {
@@ -529,6 +544,6 @@ impl RuntimesApi {
                     compile_limits: r.compile.as_ref().map(|_| (&r.compile_limits).into()),
                 })
                 .collect(),
-        )
+        ))
     }
 }

@@ -47,7 +47,13 @@ impl CgroupRoot {
                 // cgroup v2 forbids processes in inner nodes, so use a sibling of our own
                 // cgroup when we are in a leaf; creating there needs delegation or root.
                 let parent = Path::new("/sys/fs/cgroup").join(own.trim_start_matches('/'));
-                let base = parent.parent().unwrap_or(&parent).join(name);
+                // At the root of a cgroup namespace (a container) there is no sibling to
+                // use: try a child, which works where the root is exempt or delegated.
+                let base = if own.trim() == "/" {
+                    parent.join(name)
+                } else {
+                    parent.parent().unwrap_or(&parent).join(name)
+                };
                 return make_root(base, CgroupVersion::V2, &parent);
             }
         }
@@ -126,6 +132,13 @@ impl CgroupRoot {
             Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
         }
         if self.version == CgroupVersion::V2 {
+            if !dir.join("memory.max").exists() {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(format!(
+                    "the memory controller is not enabled for {}",
+                    self.dir.display()
+                ));
+            }
             // Keep runs out of swap so the memory limit means what it says.
             let _ = write_file(&dir.join("memory.swap.max"), "0");
         }
@@ -312,12 +325,37 @@ impl MemoryCgroup {
             .filter_map(|l| l.trim().parse::<i32>().ok())
             .filter(|p| Some(*p) != except)
         {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+            if self.kill_member(pid) {
                 n += 1;
             }
         }
         n
+    }
+
+    /// SIGKILL `pid` only if it is still in this cgroup: a pidfd pins the process, so a
+    /// pid reused between reading `cgroup.procs` and signalling is never hit.
+    fn kill_member(&self, pid: i32) -> bool {
+        // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        if pidfd < 0 {
+            return false;
+        }
+        let ours = std::fs::read_to_string(self.procs_path())
+            .map(|t| t.lines().any(|l| l.trim() == pid.to_string()))
+            .unwrap_or(false);
+        // SAFETY: signalling and closing the pidfd we just opened.
+        let sent = ours
+            && unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    pidfd,
+                    libc::SIGKILL,
+                    std::ptr::null::<u8>(),
+                    0,
+                )
+            } == 0;
+        unsafe { libc::close(pidfd) };
+        sent
     }
 
     /// Whether no process but `except` is inside.

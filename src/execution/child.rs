@@ -10,6 +10,8 @@ pub(crate) const PASS_FD_BASE: c_int = 10;
 
 /// Above every descriptor the child keeps, so moving through it never clobbers one.
 const SCRATCH_FD_MIN: c_int = 100;
+/// Where a forker keeps descriptors of its own that must survive `prepare_child`.
+pub(crate) const HIGH_FD_MIN: c_int = 200;
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Rlimit {
@@ -48,6 +50,21 @@ pub(crate) unsafe fn prepare_child(
         for (i, &fd) in scratch.iter().take(pass.len()).enumerate() {
             check(libc::dup2(fd, PASS_FD_BASE + i as c_int))?;
         }
+        // Nothing else may cross exec: bubblewrap hands every inherited descriptor on to
+        // the sandboxed program. (Best effort on kernels without close_range's CLOEXEC.)
+        let first_after = (PASS_FD_BASE + pass.len() as c_int) as libc::c_uint;
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            (PASS_FD_BASE - 1) as libc::c_uint,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+        libc::syscall(
+            libc::SYS_close_range,
+            first_after,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
         for l in rlimits {
             let rl = libc::rlimit {
                 rlim_cur: l.soft,

@@ -330,6 +330,16 @@ impl Executor {
         }
     }
 
+    /// End a prepared sandbox that will not be used, and wait for it, so the slot's
+    /// launcher is free and no reply of it is left unread.
+    async fn discard(&self, prepared: Option<PreparedSandbox>, index: usize) {
+        if let Some(prepared) = prepared {
+            drop(prepared.control);
+            let cgroup = self.slots.slots.get(index).and_then(|s| s.cgroup.as_ref());
+            prepared.spawned.discard(cgroup).await;
+        }
+    }
+
     /// Take slot `index`'s prepared sandbox if it suits `runtime`; discard it otherwise (a
     /// slot's launcher serves one sandbox at a time).
     async fn take_prepared(&self, index: usize, runtime: &Runtime) -> Option<PreparedSandbox> {
@@ -348,12 +358,7 @@ impl Executor {
                 }
             }
         }
-        let slot = self.slots.slots.get(index);
-        drop(prepared.control);
-        prepared
-            .spawned
-            .discard(slot.and_then(|s| s.cgroup.as_ref()))
-            .await;
+        self.discard(Some(prepared), index).await;
         None
     }
 
@@ -392,7 +397,10 @@ impl Executor {
             prepared.is_none(),
         ) {
             Ok(slot) => slot,
-            Err(e) => return fail(format!("preparing the work dir: {e}"), request.limits),
+            Err(e) => {
+                self.discard(prepared.take(), slot_index).await;
+                return fail(format!("preparing the work dir: {e}"), request.limits);
+            }
         };
 
         let mut compile_report = None;
@@ -458,6 +466,10 @@ impl Executor {
             _ if argv[0].starts_with("./") => {}
             Some(path) => argv[0] = path.to_string_lossy().into_owned(),
             None => {
+                if let Some(p) = prepared {
+                    drop(p.control);
+                    p.spawned.discard(slot.cgroup.as_ref()).await;
+                }
                 return StageReport::internal(
                     format!("command `{}` is not installed", argv[0]),
                     limits,
@@ -466,6 +478,10 @@ impl Executor {
         }
         if let Some(cg) = &slot.cgroup {
             if let Err(e) = cg.prepare(limits.memory_bytes) {
+                if let Some(p) = prepared {
+                    drop(p.control);
+                    p.spawned.discard(slot.cgroup.as_ref()).await;
+                }
                 return StageReport::internal(e, limits);
             }
         }

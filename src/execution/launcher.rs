@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, mpsc};
 
-use super::child::{MAX_PASS_FDS, Rlimit, prepare_child};
+use super::child::{HIGH_FD_MIN, MAX_PASS_FDS, Rlimit, prepare_child};
 
 /// The argument that turns the binary into a launcher.
 pub const LAUNCHER_ARG: &str = "__slot-launcher";
@@ -54,12 +54,19 @@ pub(crate) enum Reply {
     Failed {
         error: String,
     },
+    /// `pid` names the stage, so a reply for an earlier stage can never be taken for the
+    /// current one's.
     Exited {
+        pid: i32,
         status: i32,
         cpu_us: u64,
         maxrss_kb: u64,
     },
 }
+
+/// Requests carry a command line and environment; replies are small. Anything larger is
+/// a corrupt stream, not something to allocate for.
+const MAX_FRAME: usize = 4 << 20;
 
 // ---- framing: a one-byte message carrying any descriptors, then a length-prefixed JSON body.
 
@@ -106,7 +113,11 @@ fn recv_fds(fd: RawFd) -> Option<Vec<OwnedFd>> {
 fn read_frame<T: for<'de> Deserialize<'de>>(stream: &mut StdUnixStream) -> Option<T> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).ok()?;
-    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return None;
+    }
+    let mut body = vec![0u8; len];
     stream.read_exact(&mut body).ok()?;
     serde_json::from_slice(&body).ok()
 }
@@ -123,6 +134,9 @@ pub fn launcher_main() -> ! {
     // against the slot uid's process limit in the slot's next run.
     // SAFETY: prctl with plain integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    // The socket must never reach a stage (bubblewrap passes inherited descriptors on).
+    // SAFETY: fcntl on our own descriptor.
+    unsafe { libc::fcntl(SOCKET_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     // SAFETY: the daemon put our end of the socket at SOCKET_FD before exec.
     let mut stream = unsafe { StdUnixStream::from_raw_fd(SOCKET_FD) };
     loop {
@@ -234,6 +248,15 @@ fn serve_one(stream: &mut StdUnixStream, spec: SpawnSpec, fds: Vec<OwnedFd>) {
                 error: "pipe2 failed".into(),
             },
         );
+    }
+    // Keep the write end clear of the numbers the child moves pass descriptors to.
+    // SAFETY: fcntl/close on descriptors we own.
+    unsafe {
+        let high = libc::fcntl(exec_error[1], libc::F_DUPFD_CLOEXEC, HIGH_FD_MIN);
+        if high >= 0 {
+            libc::close(exec_error[1]);
+            exec_error[1] = high;
+        }
     }
     // SAFETY: the launcher is single-threaded, so the child may run ordinary code; it
     // still only makes system calls before exec.
@@ -372,6 +395,7 @@ fn supervise(stream: &mut StdUnixStream, pid: libc::pid_t) {
     reply(
         stream,
         &Reply::Exited {
+            pid,
             status,
             cpu_us: us(rusage.ru_utime) + us(rusage.ru_stime),
             maxrss_kb: rusage.ru_maxrss as u64,
@@ -444,7 +468,11 @@ impl Launcher {
                 {
                     return;
                 }
-                let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+                let len = u32::from_le_bytes(len) as usize;
+                if len > MAX_FRAME {
+                    return;
+                }
+                let mut body = vec![0u8; len];
                 if read.read_exact(&mut body).await.is_err() {
                     return;
                 }
@@ -488,25 +516,33 @@ impl Launcher {
     /// Start a stage; `fds` are stdin, stdout, stderr, then the pass descriptors.
     pub(crate) async fn spawn(&self, spec: SpawnSpec, fds: &[RawFd]) -> Result<i32, String> {
         self.send(&Request::Spawn(spec), fds).await?;
-        match self.next_reply().await? {
-            Reply::Started { pid } => Ok(pid),
-            Reply::Failed { error } => Err(error),
-            Reply::Exited { .. } => Err("launcher protocol error".into()),
+        loop {
+            match self.next_reply().await? {
+                Reply::Started { pid } => return Ok(pid),
+                Reply::Failed { error } => return Err(error),
+                // The end of an earlier stage nobody waited for (a discarded sandbox).
+                Reply::Exited { .. } => continue,
+            }
         }
     }
 
     /// The stage's exit if it has already been reported (never waits).
-    pub(crate) fn try_exited(&self) -> Option<Result<(i32, u64, u64), String>> {
+    pub(crate) fn try_exited(&self, stage: i32) -> Option<Result<(i32, u64, u64), String>> {
         let mut replies = self.replies.try_lock().ok()?;
-        match replies.try_recv() {
-            Ok(Reply::Exited {
-                status,
-                cpu_us,
-                maxrss_kb,
-            }) => Some(Ok((status, cpu_us, maxrss_kb))),
-            Ok(_) => Some(Err("launcher protocol error".into())),
-            Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err("the launcher exited".into())),
+        loop {
+            match replies.try_recv() {
+                Ok(Reply::Exited {
+                    pid,
+                    status,
+                    cpu_us,
+                    maxrss_kb,
+                }) if pid == stage => return Some(Ok((status, cpu_us, maxrss_kb))),
+                Ok(_) => continue,
+                Err(mpsc::error::TryRecvError::Empty) => return None,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return Some(Err("the launcher exited".into()));
+                }
+            }
         }
     }
 
@@ -516,14 +552,19 @@ impl Launcher {
     }
 
     /// Wait for the stage to end (cancel-safe). Returns `(status, cpu_us, maxrss_kb)`.
-    pub(crate) async fn exited(&self) -> Result<(i32, u64, u64), String> {
-        match self.next_reply().await? {
-            Reply::Exited {
+    pub(crate) async fn exited(&self, stage: i32) -> Result<(i32, u64, u64), String> {
+        loop {
+            if let Reply::Exited {
+                pid,
                 status,
                 cpu_us,
                 maxrss_kb,
-            } => Ok((status, cpu_us, maxrss_kb)),
-            _ => Err("launcher protocol error".into()),
+            } = self.next_reply().await?
+            {
+                if pid == stage {
+                    return Ok((status, cpu_us, maxrss_kb));
+                }
+            }
         }
     }
 

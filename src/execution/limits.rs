@@ -41,13 +41,50 @@ pub struct LimitsOverride {
     pub workdir_bytes: Option<u64>,
 }
 
-/// A request asked for more than the ceiling allows.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("limit `{field}` = {requested} exceeds the maximum of {maximum}")]
+/// A request asked for more than the ceiling allows, or less than a stage can start with.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitExceeded {
     pub field: &'static str,
     pub requested: u64,
     pub maximum: u64,
+    pub minimum: u64,
+}
+
+impl std::fmt::Display for LimitExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let LimitExceeded {
+            field,
+            requested,
+            maximum,
+            minimum,
+        } = self;
+        if requested < minimum {
+            write!(
+                f,
+                "limit `{field}` = {requested} is below the minimum of {minimum}"
+            )
+        } else {
+            write!(
+                f,
+                "limit `{field}` = {requested} exceeds the maximum of {maximum}"
+            )
+        }
+    }
+}
+
+impl std::error::Error for LimitExceeded {}
+
+/// The least a request may ask for: below these no runtime starts, and a memory limit
+/// under the slot's current usage cannot even be set.
+fn minimum(field: &str) -> u64 {
+    match field {
+        "memory_bytes" => 16 * MIB,
+        "workdir_bytes" => MIB,
+        "open_files" => 16,
+        "output_bytes" => 1024,
+        "wall_time_ms" | "cpu_time_ms" => 10,
+        _ => 1,
+    }
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -168,18 +205,13 @@ impl Limits {
                 .iter()
                 .find(|(n, _)| *n == name)
                 .map_or(u64::MAX, |(_, m)| *m);
-            if requested > maximum {
+            let minimum = minimum(name);
+            if requested > maximum || requested < minimum {
                 return Err(LimitExceeded {
                     field: name,
                     requested,
                     maximum,
-                });
-            }
-            if requested == 0 {
-                return Err(LimitExceeded {
-                    field: name,
-                    requested,
-                    maximum,
+                    minimum,
                 });
             }
         }

@@ -68,6 +68,31 @@ impl ExecutionRequest {
     }
 }
 
+impl ExecutionRequest {
+    /// Checks that need the whole request: names that collide (a file where another needs a
+    /// directory) and files that could not fit in the work dir.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut total: u64 = 0;
+        for (i, file) in self.files.iter().enumerate() {
+            validate_file_name(&file.name)?;
+            total += file.content.len() as u64;
+            for other in &self.files[i + 1..] {
+                let (a, b) = (&file.name, &other.name);
+                if a == b || b.starts_with(&format!("{a}/")) || a.starts_with(&format!("{b}/")) {
+                    return Err(format!("file names `{a}` and `{b}` collide"));
+                }
+            }
+        }
+        if total > self.limits.workdir_bytes {
+            return Err(format!(
+                "the files hold {total} bytes, more than the work dir's {} (limit `workdir_bytes`)",
+                self.limits.workdir_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A submitted file name must stay inside the work dir: relative, no `..`, no empty or hidden
 /// tricks, at most a few levels deep.
 pub fn validate_file_name(name: &str) -> Result<(), String> {

@@ -102,6 +102,7 @@ enum ExitWatch {
     /// Forked by the slot's launcher, which kills, reaps and reports.
     Launched {
         launcher: Arc<Launcher>,
+        pid: libc::pid_t,
         result: Option<Result<(i32, u64, u64), String>>,
     },
 }
@@ -111,9 +112,13 @@ impl Spawned {
     pub(crate) fn has_exited(&mut self) -> bool {
         match &mut self.exit_watch {
             ExitWatch::Direct { waiter } => waiter.is_finished(),
-            ExitWatch::Launched { launcher, result } => {
+            ExitWatch::Launched {
+                launcher,
+                pid,
+                result,
+            } => {
                 if result.is_none() {
-                    *result = launcher.try_exited();
+                    *result = launcher.try_exited(*pid);
                 }
                 result.is_some()
             }
@@ -136,9 +141,13 @@ impl ExitWatch {
                     let _ = waiter.await;
                 }
             }
-            ExitWatch::Launched { launcher, result } => {
+            ExitWatch::Launched {
+                launcher,
+                pid,
+                result,
+            } => {
                 if result.is_none() {
-                    *result = Some(launcher.exited().await);
+                    *result = Some(launcher.exited(*pid).await);
                 }
             }
         }
@@ -177,7 +186,9 @@ impl ExitWatch {
                 }
                 reap(pid).await
             }
-            ExitWatch::Launched { launcher, result } => {
+            ExitWatch::Launched {
+                launcher, result, ..
+            } => {
                 if let Some(cg) = cgroup.filter(|cg| !cg.is_empty(launcher.pid())) {
                     cg.kill_all(launcher.pid());
                 }
@@ -328,6 +339,7 @@ async fn spawn_launched(
     drop((stdin_r, stdout_w, stderr_w, cmd.pass_fds));
     let watch = ExitWatch::Launched {
         launcher: Arc::clone(&launcher),
+        pid,
         result: None,
     };
     match to_owned_pipes(Some(stdin_w), Some(stdout_r), Some(stderr_r)) {
@@ -452,7 +464,10 @@ pub(crate) async fn supervise(
     let oom_killed = ctx.cgroup.is_some_and(|cg| cg.oom_kills() > oom_before);
 
     if limit_hit.is_none() {
-        limit_hit = if oom_killed {
+        limit_hit = if stdout_truncated || stderr_truncated {
+            // The cap was passed just as the program ended: still an output limit.
+            Some(LimitKind::Output)
+        } else if oom_killed {
             Some(LimitKind::Memory)
         } else if signal == Some(libc::SIGXCPU)
             || (signal == Some(libc::SIGKILL)

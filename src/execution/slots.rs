@@ -144,6 +144,18 @@ impl SlotPool {
                 Err(reason) => (None, MemoryEnforcement::AddressSpace { reason }),
             },
         };
+        // A hierarchy can be writable yet unusable (v2 without the memory controller
+        // delegated): probe one slot, and fall back to RLIMIT_AS if it fails.
+        let (cgroup_root, memory) = match cgroup_root {
+            Some(root) => match root.slot(0) {
+                Ok(_) => (Some(root), memory),
+                Err(reason) => {
+                    root.remove();
+                    (None, MemoryEnforcement::AddressSpace { reason })
+                }
+            },
+            None => (None, memory),
+        };
         let mut pool = SlotPool {
             root,
             slots: Vec::with_capacity(opts.count),
@@ -296,6 +308,15 @@ fn sweep_stale(work_root: &Path) {
         if !name.starts_with("mde-") {
             continue;
         }
+        // Only what a daemon of our own uid made: the temp dir is shared with other users,
+        // and we must not be tricked into unmounting or deleting their paths.
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        match entry.path().symlink_metadata() {
+            Ok(m) if m.is_dir() && m.uid() == euid => {}
+            _ => continue,
+        }
         let Ok(owner) = std::fs::read_to_string(entry.path().join(OWNER_FILE)) else {
             continue;
         };
@@ -315,7 +336,7 @@ fn sweep_stale(work_root: &Path) {
         {
             if let Ok(c) = cstring(&slot.path()) {
                 // SAFETY: `c` is a valid C string; failing (not a mount point) is fine.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
             }
         }
         let _ = std::fs::remove_dir_all(entry.path());
@@ -355,8 +376,11 @@ fn cstring(path: &Path) -> Result<std::ffi::CString, String> {
 /// Mount a sized tmpfs on `dir`; `Ok(false)` when the host does not let us.
 fn mount_tmpfs(dir: &Path, bytes: u64) -> Result<bool, String> {
     let target = cstring(dir)?;
-    let data =
-        std::ffi::CString::new(format!("size={bytes},mode=0711")).map_err(|e| e.to_string())?;
+    let data = std::ffi::CString::new(format!(
+        "size={bytes},nr_inodes={},mode=0711",
+        inodes(bytes)
+    ))
+    .map_err(|e| e.to_string())?;
     // SAFETY: all pointers are valid C strings for the duration of the call.
     let ret = unsafe {
         libc::mount(
@@ -380,7 +404,8 @@ fn mount_tmpfs(dir: &Path, bytes: u64) -> Result<bool, String> {
 
 fn remount_tmpfs(dir: &Path, bytes: u64) -> Result<(), String> {
     let target = cstring(dir)?;
-    let data = std::ffi::CString::new(format!("size={bytes}")).map_err(|e| e.to_string())?;
+    let data = std::ffi::CString::new(format!("size={bytes},nr_inodes={}", inodes(bytes)))
+        .map_err(|e| e.to_string())?;
     // SAFETY: all pointers are valid C strings or null for the duration of the call.
     let ret = unsafe {
         libc::mount(
@@ -399,6 +424,12 @@ fn remount_tmpfs(dir: &Path, bytes: u64) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// One inode per 4 KiB of space (at least 1024): millions of empty files would otherwise
+/// cost kernel memory that no size limit sees.
+fn inodes(bytes: u64) -> u64 {
+    (bytes / 4096).max(1024)
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), String> {

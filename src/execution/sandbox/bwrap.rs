@@ -186,6 +186,9 @@ impl SandboxBackend for BwrapBackend {
         // Everything mounted so far is in place: make the root itself read-only, so the
         // only writable places are /box and /tmp (separate mounts, unaffected).
         push(&mut args, ["--remount-ro".as_ref(), "/".as_ref()]);
+        // --dev is an unsized tmpfs (with a writable /dev/shm): keep it read-only too, so
+        // the slot's tmpfs stays the only place to write.
+        push(&mut args, ["--remount-ro".as_ref(), "/dev".as_ref()]);
         let mut pass_fds = Vec::with_capacity(self.seccomp.len());
         for (i, program) in self.seccomp.iter().enumerate() {
             // The runner moves pass_fds[i] to PASS_FD_BASE + i in the child.

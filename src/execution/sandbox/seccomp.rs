@@ -57,7 +57,20 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_adjtimex,
     libc::SYS_lookup_dcookie,
     libc::SYS_personality,
+    // io_uring is a large, often-exploited kernel surface no submission needs.
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    // ptrace-class: reach into other processes.
+    libc::SYS_pidfd_getfd,
+    libc::SYS_kcmp,
+    libc::SYS_process_madvise,
 ];
+
+/// x32 syscalls (x86_64 numbers with this bit set) share the x86_64 audit arch, so the
+/// arch check does not stop them: deny the x32 numbers of the denied syscalls too.
+#[cfg(target_arch = "x86_64")]
+const X32_BIT: libc::c_long = 0x4000_0000;
 
 const NAMESPACE_FLAGS: &[libc::c_int] = &[
     libc::CLONE_NEWUSER,
@@ -75,6 +88,10 @@ pub(crate) fn build_filters() -> Result<Vec<Vec<u8>>, String> {
         .map_err(|e| format!("seccomp: unsupported architecture: {e:?}"))?;
     let mut deny: BTreeMap<i64, Vec<SeccompRule>> =
         DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
+    #[cfg(target_arch = "x86_64")]
+    for &nr in DENIED.iter().chain([&libc::SYS_clone, &libc::SYS_clone3]) {
+        deny.insert(nr | X32_BIT, Vec::new());
+    }
     let clone_rules = NAMESPACE_FLAGS
         .iter()
         .map(|&flag| {
