@@ -59,19 +59,7 @@ impl CgroupRoot {
         }
         let v1 = Path::new("/sys/fs/cgroup/memory");
         if v1.join("memory.limit_in_bytes").exists() {
-            let own = self_cgroup
-                .lines()
-                .find_map(|l| {
-                    let mut parts = l.splitn(3, ':');
-                    let _id = parts.next()?;
-                    let controllers = parts.next()?;
-                    let path = parts.next()?;
-                    controllers
-                        .split(',')
-                        .any(|c| c == "memory")
-                        .then_some(path)
-                })
-                .unwrap_or("/");
+            let own = v1_own_path(&self_cgroup, "memory").unwrap_or("/");
             let parent = v1.join(own.trim_start_matches('/'));
             let mut root = make_root(parent.join(name), CgroupVersion::V1, &parent)?;
             root.cpuacct_dir = v1_cpuacct_root(&self_cgroup, name);
@@ -87,16 +75,7 @@ impl CgroupRoot {
         };
         let mut bases = Vec::new();
         for controller in ["memory", "cpuacct"] {
-            let own = self_cgroup.lines().find_map(|l| {
-                let mut parts = l.splitn(3, ':');
-                let _id = parts.next()?;
-                let controllers = parts.next()?;
-                let path = parts.next()?;
-                controllers
-                    .split(',')
-                    .any(|c| c == controller)
-                    .then_some(path)
-            });
+            let own = v1_own_path(&self_cgroup, controller);
             if let Some(own) = own {
                 bases.push(
                     Path::new("/sys/fs/cgroup")
@@ -165,19 +144,25 @@ impl CgroupRoot {
     }
 }
 
-/// The v1 `cpuacct` hierarchy beside the memory one, for CPU time of whole process trees
-/// (rusage misses processes that bubblewrap's init never reaps).
-fn v1_cpuacct_root(self_cgroup: &str, name: &str) -> Option<PathBuf> {
-    let own = self_cgroup.lines().find_map(|l| {
+/// The daemon's own path in the v1 hierarchy of `controller`, from `/proc/self/cgroup`
+/// (lines `id:controller,controller:/path`).
+fn v1_own_path<'a>(self_cgroup: &'a str, controller: &str) -> Option<&'a str> {
+    self_cgroup.lines().find_map(|l| {
         let mut parts = l.splitn(3, ':');
         let _id = parts.next()?;
         let controllers = parts.next()?;
         let path = parts.next()?;
         controllers
             .split(',')
-            .any(|c| c == "cpuacct")
+            .any(|c| c == controller)
             .then_some(path)
-    })?;
+    })
+}
+
+/// The v1 `cpuacct` hierarchy beside the memory one, for CPU time of whole process trees
+/// (rusage misses processes that bubblewrap's init never reaps).
+fn v1_cpuacct_root(self_cgroup: &str, name: &str) -> Option<PathBuf> {
+    let own = v1_own_path(self_cgroup, "cpuacct")?;
     let mount = ["/sys/fs/cgroup/cpuacct", "/sys/fs/cgroup/cpu,cpuacct"]
         .into_iter()
         .map(Path::new)

@@ -155,3 +155,15 @@ pub fn installed(program: &str) -> bool {
         .iter()
         .any(|d| std::path::Path::new(d).join(program).exists())
 }
+
+/// Stop a child the way an operator would (SIGTERM), so it cleans up; SIGKILL after 20 s.
+pub fn stop_gracefully(child: &mut std::process::Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
