@@ -572,6 +572,13 @@ impl Launcher {
         self.process.lock().ok().map(|p| p.id())
     }
 
+    /// Kill the launcher (and so, by PDEATHSIG, its stage); the slot starts a new one.
+    pub(crate) fn terminate(&self) {
+        if let Ok(mut p) = self.process.lock() {
+            let _ = p.kill();
+        }
+    }
+
     pub(crate) fn is_alive(&self) -> bool {
         self.process
             .lock()

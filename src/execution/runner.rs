@@ -20,6 +20,9 @@ use super::launcher::{Launcher, SpawnSpec};
 use super::report::{LimitKind, StageReport, StageStatus};
 use super::sandbox::SandboxCommand;
 
+/// How long a launcher may take to report a stage's end once its tree is dead or killed.
+const LAUNCHER_REPORT_GRACE: Duration = Duration::from_secs(10);
+
 /// How long pipes may stay open after the stage's process tree is gone or killed.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
@@ -175,6 +178,22 @@ impl ExitWatch {
 
     /// Wait for the end, kill any leftovers, reap, and collect the exit.
     async fn finish(mut self, pid: libc::pid_t, cgroup: Option<&MemoryCgroup>) -> Option<Exit> {
+        if let ExitWatch::Launched { launcher, .. } = &self {
+            // The stage is dead or being killed; a launcher that still has not reported is
+            // wedged: end it (the slot starts a new one) rather than hold the slot forever.
+            let launcher = Arc::clone(launcher);
+            if tokio::time::timeout(LAUNCHER_REPORT_GRACE, self.exited())
+                .await
+                .is_err()
+            {
+                tracing::error!("a slot launcher did not report a stage's end; restarting it");
+                launcher.terminate();
+                if let Some(cg) = cgroup {
+                    cg.kill_all(None);
+                }
+                return None;
+            }
+        }
         self.exited().await;
         match self {
             ExitWatch::Direct { .. } => {
