@@ -406,3 +406,44 @@ async fn no_descriptor_of_the_daemon_reaches_the_sandbox() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_killed_slot_launcher_is_replaced() {
+    bounded(60, async {
+        let mut s = test_settings();
+        s.execution.max_concurrent = 1;
+        let t = app_with(s).await;
+        let run = run_py(&t, "print('first')", json!({})).await;
+        assert_eq!(run["stdout"], "first\n");
+        // Kill this app's launcher (it lives in the app's slot cgroup) behind its back.
+        let cgroup = t
+            .app
+            .state
+            .executor
+            .info()
+            .cgroup_dir
+            .expect("a memory cgroup here");
+        let procs = std::fs::read_to_string(cgroup.join("slot-0/cgroup.procs")).expect("procs");
+        let launchers: Vec<i32> = procs
+            .lines()
+            .filter_map(|p| p.trim().parse().ok())
+            .filter(|pid: &i32| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("__slot-launcher"))
+            })
+            .collect();
+        assert_eq!(launchers.len(), 1, "one launcher per slot: {procs}");
+        // SAFETY: kill(2) on a process this test's app started.
+        unsafe { libc::kill(launchers[0], libc::SIGKILL) };
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        for i in 0..3 {
+            let run = run_py(&t, &format!("print({i})"), json!({})).await;
+            assert_eq!(
+                run["stdout"],
+                format!("{i}\n"),
+                "run {i} after the kill: {run}"
+            );
+        }
+    })
+    .await;
+}
