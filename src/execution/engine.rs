@@ -51,6 +51,15 @@ struct PreparedSandbox {
     binds: Vec<PathBuf>,
 }
 
+impl PreparedSandbox {
+    /// End it unused, and wait for that, so the slot's launcher is free again.
+    async fn discard(self, cgroup: Option<&super::cgroup::MemoryCgroup>) {
+        // Closing the pipe unread makes the helper exit; the kill makes sure.
+        drop(self.control);
+        self.spawned.discard(cgroup).await;
+    }
+}
+
 pub struct Executor {
     admission: Admission,
     /// One prepared sandbox per idle slot, by slot index.
@@ -334,9 +343,8 @@ impl Executor {
     /// launcher is free and no reply of it is left unread.
     async fn discard(&self, prepared: Option<PreparedSandbox>, index: usize) {
         if let Some(prepared) = prepared {
-            drop(prepared.control);
             let cgroup = self.slots.slots.get(index).and_then(|s| s.cgroup.as_ref());
-            prepared.spawned.discard(cgroup).await;
+            prepared.discard(cgroup).await;
         }
     }
 
@@ -467,8 +475,7 @@ impl Executor {
             Some(path) => argv[0] = path.to_string_lossy().into_owned(),
             None => {
                 if let Some(p) = prepared {
-                    drop(p.control);
-                    p.spawned.discard(slot.cgroup.as_ref()).await;
+                    p.discard(slot.cgroup.as_ref()).await;
                 }
                 return StageReport::internal(
                     format!("command `{}` is not installed", argv[0]),
@@ -479,8 +486,7 @@ impl Executor {
         if let Some(cg) = &slot.cgroup {
             if let Err(e) = cg.prepare(limits.memory_bytes) {
                 if let Some(p) = prepared {
-                    drop(p.control);
-                    p.spawned.discard(slot.cgroup.as_ref()).await;
+                    p.discard(slot.cgroup.as_ref()).await;
                 }
                 return StageReport::internal(e, limits);
             }
