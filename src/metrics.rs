@@ -247,11 +247,9 @@ impl Metrics {
 }
 
 impl ExecutionObserver for Metrics {
-    fn dequeued(&self, wait: Duration, _admitted: bool) {
+    fn admitted(&self, wait: Duration) {
         self.queue_wait.observe(wait.as_secs_f64());
     }
-
-    // Busy rejections are counted with every other rejection, by the API's middleware.
 
     fn finished(&self, runtime: &str, report: &ExecutionReport, elapsed: Duration) {
         let status = report.status();

@@ -59,7 +59,7 @@ impl Admission {
     }
 
     /// Take a free slot, waiting in the queue if there is room in it.
-    pub(crate) async fn acquire(&self, on_queued: impl FnOnce()) -> Result<SlotLease, Busy> {
+    pub(crate) async fn acquire(&self) -> Result<SlotLease, Busy> {
         let permit = match Arc::clone(&self.semaphore).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
@@ -75,7 +75,6 @@ impl Admission {
                         waiting: self.waiting(),
                     });
                 }
-                on_queued();
                 let _leave = QueueGuard(&self.waiting);
                 Arc::clone(&self.semaphore)
                     .acquire_owned()
@@ -121,16 +120,16 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_refuses_at_once() {
         let admission = Arc::new(Admission::new(1, 1));
-        let first = admission.acquire(|| {}).await.expect("a free slot");
+        let first = admission.acquire().await.expect("a free slot");
         let waiter = {
             let admission = Arc::clone(&admission);
-            tokio::spawn(async move { admission.acquire(|| {}).await.map(|l| l.index) })
+            tokio::spawn(async move { admission.acquire().await.map(|l| l.index) })
         };
         // Let the waiter take the one queue place.
         while admission.waiting() == 0 {
             tokio::task::yield_now().await;
         }
-        let refused = admission.acquire(|| {}).await;
+        let refused = admission.acquire().await;
         assert!(refused.is_err(), "the third submission must be refused");
         drop(first);
         let index = waiter

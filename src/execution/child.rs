@@ -3,6 +3,7 @@
 //! uid. Only async-signal-safe calls, no allocation: the daemon forks from many threads.
 
 use std::ffi::c_int;
+use std::os::fd::{FromRawFd, OwnedFd};
 
 /// Descriptors a backend passes to the child appear at `PASS_FD_BASE + i` (bubblewrap's
 /// `--add-seccomp-fd` arguments name them), whatever their number in the parent.
@@ -86,3 +87,14 @@ pub(crate) unsafe fn prepare_child(
 
 /// The most descriptors a backend may pass.
 pub(crate) const MAX_PASS_FDS: usize = 8;
+
+/// A pipe whose ends are closed on exec (read end, write end).
+pub(crate) fn pipe_pair() -> Result<(OwnedFd, OwnedFd), String> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into a valid array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}

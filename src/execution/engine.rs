@@ -173,11 +173,7 @@ impl Executor {
             },
         };
         let request = ExecutionRequest::single_file(Arc::new(probe), Vec::new());
-        let lease = self
-            .admission
-            .acquire(|| {})
-            .await
-            .map_err(|e| e.to_string())?;
+        let lease = self.admission.acquire().await.map_err(|e| e.to_string())?;
         let report = self
             .run_in_slot(request, lease, false)
             .await
@@ -201,14 +197,8 @@ impl Executor {
         request: ExecutionRequest,
     ) -> Result<ExecutionReport, ExecuteError> {
         let arrived = Instant::now();
-        let lease = match self.admission.acquire(|| self.observer.queued()).await {
-            Ok(lease) => lease,
-            Err(busy) => {
-                self.observer.rejected_busy();
-                return Err(busy.into());
-            }
-        };
-        self.observer.dequeued(arrived.elapsed(), true);
+        let lease = self.admission.acquire().await?;
+        self.observer.admitted(arrived.elapsed());
         self.run_in_slot(request, lease, true).await
     }
 
@@ -224,9 +214,6 @@ impl Executor {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let runtime = request.runtime.name.clone();
-            if observe {
-                this.observer.started(&runtime);
-            }
             let started = Instant::now();
             this.in_flight
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -255,7 +242,7 @@ impl Executor {
         // Hold every lease until all slots are visited, so each slot gets its turn.
         let mut leases = Vec::with_capacity(self.slots.slots.len());
         for _ in 0..self.slots.slots.len() {
-            let Ok(lease) = self.admission.acquire(|| {}).await else {
+            let Ok(lease) = self.admission.acquire().await else {
                 return;
             };
             let already = self

@@ -66,9 +66,7 @@ impl ExecutionRequest {
             limits,
         }
     }
-}
 
-impl ExecutionRequest {
     /// Checks that need the whole request: names that collide (a file where another needs a
     /// directory) and files that could not fit in the work dir.
     pub fn validate(&self) -> Result<(), String> {

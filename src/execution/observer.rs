@@ -5,15 +5,13 @@ use std::time::Duration;
 
 use super::ExecutionReport;
 
+///
+/// Counts of running and waiting executions are not hooks: the executor knows them exactly
+/// (`Executor::running`, `Executor::waiting`) and metrics read them at scrape time; busy
+/// rejections are counted with every other rejection in the API layer.
 pub trait ExecutionObserver: Send + Sync {
-    /// A submission started waiting for a slot.
-    fn queued(&self) {}
-    /// It got a slot after `wait` (or gave up waiting when `admitted` is false).
-    fn dequeued(&self, _wait: Duration, _admitted: bool) {}
-    /// It was turned away because the queue was full.
-    fn rejected_busy(&self) {}
-    /// Its first stage is about to start.
-    fn started(&self, _runtime: &str) {}
+    /// A submission got a slot after waiting `wait` for it.
+    fn admitted(&self, _wait: Duration) {}
     /// It finished, whatever the outcome.
     fn finished(&self, _runtime: &str, _report: &ExecutionReport, _elapsed: Duration) {}
 }

@@ -3,7 +3,7 @@
 //! peak memory. Every backend goes through here, so every backend gets the same enforcement.
 
 use std::ffi::c_int;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use tokio::sync::{Notify, watch};
 
 use super::Limits;
 use super::cgroup::MemoryCgroup;
-use super::child::{MAX_PASS_FDS, Rlimit, prepare_child};
+use super::child::{MAX_PASS_FDS, Rlimit, pipe_pair, prepare_child};
 use super::launcher::{Launcher, SpawnSpec};
 use super::report::{LimitKind, StageReport, StageStatus};
 use super::sandbox::SandboxCommand;
@@ -314,16 +314,6 @@ fn spawn_direct(cmd: SandboxCommand, ctx: &RunContext<'_>) -> Result<Spawned, St
             Err(format!("setting up pipes: {e}"))
         }
     }
-}
-
-fn pipe_pair() -> Result<(OwnedFd, OwnedFd), String> {
-    let mut fds = [0 as c_int; 2];
-    // SAFETY: pipe2 writes two descriptors into a valid array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: both descriptors are fresh and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Have the slot's launcher fork the stage inside the slot's cgroups.

@@ -132,10 +132,6 @@ impl RuntimeSet {
         }
         Ok(runtime)
     }
-
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.runtimes.iter().map(|r| r.name.as_str())
-    }
 }
 
 fn version_matches(selector: &str, actual: &str) -> bool {

@@ -117,13 +117,7 @@ impl BwrapBackend {
             path,
         };
         let mut command = self.build(&plan)?;
-        let mut fds = [0i32; 2];
-        // SAFETY: pipe2 writes two descriptors into a valid array.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: both descriptors are fresh and owned by nobody else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read, write) = crate::execution::child::pipe_pair()?;
         // The runner places it at PASS_FD_BASE + seccomp.len(), i.e. `control_fd`.
         command.pass_fds.push(read);
         Ok((command, write))
