@@ -116,6 +116,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         memory = %info.memory.describe(),
         per_slot_uid = info.per_slot_uid,
         sized_workdir = info.sized_workdir,
+        tree_cpu_limit = info.tree_cpu_limit,
         slots = info.slots,
         queue = info.queue,
         "sandbox ready"

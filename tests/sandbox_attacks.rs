@@ -114,7 +114,40 @@ async fn cpu_spin_is_stopped_by_the_cpu_limit() {
             run["wall_time_ms"].as_u64().unwrap_or(u64::MAX) < 10_000,
             "{run}"
         );
-        assert!(run["cpu_time_ms"].as_u64().unwrap_or(0) >= 900, "{run}");
+        // Not ">= 1000": when RLIMIT_CPU fires first, the kernel judged by its tick-sampled
+        // per-process time, which on a loaded host runs ahead of the cgroup's precise count
+        // (CI once saw SIGXCPU at 871 ms). Half the budget still proves the spin was measured.
+        assert!(run["cpu_time_ms"].as_u64().unwrap_or(0) >= 500, "{run}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn forked_cpu_spinners_share_one_cpu_budget() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        let (_, health) = t.get("/health").await;
+        let health: Value = serde_json::from_str(&health).expect("health is JSON");
+        if !health["cpu_enforcement"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("whole process tree"))
+        {
+            eprintln!("SKIPPED: no cgroup CPU accounting on this host: {health}");
+            return;
+        }
+        // Four spinners: RLIMIT_CPU alone would let each burn its own second (4 s together).
+        let code = "import os\nfor _ in range(3):\n    if os.fork() == 0:\n        break\nwhile True:\n    pass";
+        let run = run_py(
+            &t,
+            code,
+            json!({"cpu_time_ms": 1000, "wall_time_ms": 20000}),
+        )
+        .await;
+        assert_eq!(run["status"], "timeout", "{run}");
+        assert_eq!(run["limit"], "cpu_time", "{run}");
+        let cpu = run["cpu_time_ms"].as_u64().unwrap_or(0);
+        assert!((1000..2500).contains(&cpu), "one budget for the tree: {run}");
+        still_serving(&t).await;
     })
     .await;
 }

@@ -256,6 +256,7 @@ async fn health_answers_without_running_code() {
         assert_eq!(body["status"], "ok");
         assert_eq!(body["backend"], "bwrap");
         assert_eq!(body["isolation"], true);
+        assert!(body["cpu_enforcement"].is_string(), "{body}");
         let (status, _) = t.get("/ready").await;
         assert_eq!(status, 200);
     })

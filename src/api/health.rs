@@ -5,6 +5,9 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::{ApiTags, AppState};
 
+const CPU_TREE: &str = "whole process tree (cgroup CPU accounting)";
+const CPU_PER_PROCESS: &str = "per process (RLIMIT_CPU, whole seconds)";
+
 /// Liveness and what this daemon enforces.
 #[derive(Debug, Object)]
 #[oai(example)]
@@ -23,6 +26,9 @@ pub struct Health {
     pub per_slot_uid: bool,
     /// Whether the work dir and /tmp are a size-limited tmpfs.
     pub workdir_size_enforced: bool,
+    /// How CPU time is limited: for the whole process tree (cgroup accounting, with
+    /// RLIMIT_CPU behind it), or per process by RLIMIT_CPU alone.
+    pub cpu_enforcement: String,
     /// Things an operator should fix; empty on a well set-up host.
     pub warnings: Vec<String>,
 }
@@ -37,6 +43,7 @@ impl poem_openapi::types::Example for Health {
             memory_enforcement: "memory cgroup (v2)".into(),
             per_slot_uid: true,
             workdir_size_enforced: true,
+            cpu_enforcement: CPU_TREE.into(),
             warnings: Vec::new(),
         }
     }
@@ -118,6 +125,15 @@ impl HealthApi {
         if let crate::execution::MemoryEnforcement::AddressSpace { reason } = &info.memory {
             warnings.push(format!("memory is limited by RLIMIT_AS only ({reason})"));
         }
+        let cpu_enforcement = if info.tree_cpu_limit {
+            CPU_TREE
+        } else {
+            warnings.push(
+                "no cgroup CPU accounting: CPU time is limited per process, in whole seconds"
+                    .into(),
+            );
+            CPU_PER_PROCESS
+        };
         Json(Health {
             status: "ok".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -126,6 +142,7 @@ impl HealthApi {
             memory_enforcement: info.memory.describe(),
             per_slot_uid: info.per_slot_uid,
             workdir_size_enforced: info.sized_workdir,
+            cpu_enforcement: cpu_enforcement.into(),
             warnings,
         })
     }

@@ -27,6 +27,9 @@ pub struct ExecutorInfo {
     pub memory: MemoryEnforcement,
     pub per_slot_uid: bool,
     pub sized_workdir: bool,
+    /// CPU time is limited for the whole process tree (cgroup accounting), not only per
+    /// process by RLIMIT_CPU.
+    pub tree_cpu_limit: bool,
     pub slots: usize,
     pub queue: usize,
     /// This daemon's work root (slot dirs live below it); removed at shutdown.
@@ -133,6 +136,7 @@ impl Executor {
             memory: self.slots.memory.clone(),
             per_slot_uid: self.slots.per_slot_uid,
             sized_workdir: self.slots.sized_workdir,
+            tree_cpu_limit: self.slots.tree_cpu_limit,
             slots: self.slots.slots.len(),
             queue: self.queue,
             work_root: self.slots.root.clone(),

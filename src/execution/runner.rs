@@ -427,6 +427,9 @@ pub(crate) async fn supervise(
         _ = exit_watch.exited() => {}
         _ = tokio::time::sleep(wall) => limit_hit = Some(LimitKind::WallTime),
         _ = overflow.notified() => limit_hit = Some(LimitKind::Output),
+        _ = cpu_budget_spent(ctx.cgroup, cpu_before, limits.cpu_time_ms) => {
+            limit_hit = Some(LimitKind::CpuTime);
+        }
     }
     if limit_hit.is_some() {
         exit_watch.kill(pid, ctx.cgroup).await;
@@ -511,6 +514,33 @@ pub(crate) async fn supervise(
         peak_memory_bytes,
         limits,
         message: None,
+    }
+}
+
+/// Resolve once the stage's whole tree has used `budget_ms` of CPU, as the slot's cgroup counts
+/// it. RLIMIT_CPU stays as the kernel's own backstop, but it counts per process and in whole
+/// seconds, so a program that forks spinners would get the budget once per process; the cgroup
+/// sees the sum. Never resolves when the host gives us no CPU accounting.
+async fn cpu_budget_spent(cgroup: Option<&MemoryCgroup>, before: Option<Duration>, budget_ms: u64) {
+    let (Some(cgroup), Some(before)) = (cgroup, before) else {
+        return std::future::pending().await;
+    };
+    let budget = Duration::from_millis(budget_ms);
+    // The tree cannot burn CPU faster than all cores at once, so sleeping for the remaining
+    // budget divided by the core count never oversleeps it; near the end poll every 10 ms.
+    // SAFETY: sysconf has no preconditions. Online CPUs, not our affinity: the tree may differ.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let cores = u32::try_from(online).unwrap_or(1).max(1);
+    loop {
+        let Some(now) = cgroup.cpu_usage() else {
+            return std::future::pending().await;
+        };
+        let used = now.saturating_sub(before);
+        if used >= budget {
+            return;
+        }
+        let wait = ((budget - used) / cores).max(Duration::from_millis(10));
+        tokio::time::sleep(wait).await;
     }
 }
 

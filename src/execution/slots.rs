@@ -58,6 +58,8 @@ pub(crate) struct SlotPool {
     pub(crate) memory: MemoryEnforcement,
     pub(crate) per_slot_uid: bool,
     pub(crate) sized_workdir: bool,
+    /// Whether the cgroups account CPU time, so that a whole tree's CPU use is limited.
+    pub(crate) tree_cpu_limit: bool,
 }
 
 pub(crate) struct SlotOptions<'a> {
@@ -163,6 +165,7 @@ impl SlotPool {
             memory,
             per_slot_uid: root_user,
             sized_workdir: root_user && opts.tmpfs_workdir,
+            tree_cpu_limit: false,
         };
         let mut all_mounted = true;
         let mut next_uid = opts.uid_base;
@@ -204,6 +207,10 @@ impl SlotPool {
         }
         // Report what is enforced, not what was asked for: the mount may have been refused.
         pool.sized_workdir = all_mounted;
+        pool.tree_cpu_limit = pool
+            .slots
+            .iter()
+            .all(|s| s.cgroup.as_ref().is_some_and(|cg| cg.cpu_usage().is_some()));
         Ok(pool)
     }
 
