@@ -215,6 +215,35 @@ async fn malformed_json_and_missing_code_are_400_json() {
 }
 
 #[tokio::test]
+async fn a_field_of_the_wrong_type_is_400_naming_it() {
+    bounded(30, async {
+        let t = app_for_tests().await;
+        // A number is not source code: it must not silently run as the program `42`.
+        for body in [
+            json!({"code": 42}),
+            json!({"code": true}),
+            json!({"code": "print(1)", "runtime": 3}),
+        ] {
+            let (status, answer) = t.post("/submit_code", &body).await;
+            assert_eq!(status, 400, "{body} -> {answer}");
+            assert_eq!(answer["code"], "bad_request");
+            let message = answer["message"].as_str().unwrap_or("");
+            assert!(message.contains("string"), "{answer}");
+        }
+        for body in [
+            json!({"code": "print(1)", "args": [1]}),
+            json!({"code": "print(1)", "stdin": 7}),
+            json!({"files": [{"name": "a.py", "content": 1}]}),
+        ] {
+            let (status, answer) = t.post("/api/v1/execute", &body).await;
+            assert_eq!(status, 400, "{body} -> {answer}");
+            assert_eq!(answer["code"], "bad_request");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn oversized_body_is_413_json() {
     bounded(30, async {
         let mut s = test_settings();

@@ -5,6 +5,7 @@ pub mod body_limit;
 pub mod errors;
 pub mod health;
 pub mod submit;
+pub mod text;
 pub mod v1;
 
 use std::sync::Arc;

@@ -4,6 +4,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::errors::{ApiError, ErrorBody, error_variants};
+use super::text::Text;
 use super::{ApiTags, AppState, RequestId};
 use crate::execution::{ExecutionReport, ExecutionRequest, LimitKind, StageStatus};
 
@@ -12,9 +13,9 @@ use crate::execution::{ExecutionReport, ExecutionRequest, LimitKind, StageStatus
 #[oai(example)]
 pub struct SubmitCodeRequest {
     /// The source code to run, saved as the runtime's file (`main.py` for python3).
-    pub code: String,
+    pub code: Text,
     /// Optional runtime name or alias (see `GET /api/v1/runtimes`); python3 when absent.
-    pub runtime: Option<String>,
+    pub runtime: Option<Text>,
 }
 
 impl poem_openapi::types::Example for SubmitCodeRequest {
@@ -112,7 +113,7 @@ impl SubmitApi {
             Ok(r) => r,
             Err(e) => return ApiError::from(e).into(),
         };
-        let request = ExecutionRequest::single_file(runtime, body.code);
+        let request = ExecutionRequest::single_file(runtime, body.code.into_string());
         if let Err(e) = request.validate() {
             return ApiError::Unprocessable(ErrorBody::new("invalid_request", e)).into();
         }

@@ -7,6 +7,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 
 use super::errors::{ApiError, ErrorBody, error_variants};
+use super::text::Text;
 use super::{ApiTags, AppState, RequestId};
 use crate::execution::{
     ExecutionReport, ExecutionRequest, Limits, LimitsOverride, SourceFile, StageReport,
@@ -32,9 +33,9 @@ pub enum Encoding {
 pub struct FileInput {
     /// Path relative to the work dir (`main.py`, `src/util.py`): no absolute paths, no `..`.
     /// Defaults to the runtime's `file_name` for the first file.
-    pub name: Option<String>,
+    pub name: Option<Text>,
     /// The file's content, encoded as `encoding` says.
-    pub content: String,
+    pub content: Text,
     /// `utf8` (default) or `base64`.
     pub encoding: Option<Encoding>,
 }
@@ -45,7 +46,8 @@ pub struct FileInput {
 pub struct RequestLimits {
     /// Wall-clock time of the run stage in milliseconds.
     pub wall_time_ms: Option<u64>,
-    /// CPU time in milliseconds (enforced per process, in whole seconds).
+    /// CPU time in milliseconds, of the whole process tree where the host's cgroups count
+    /// it (see `cpu_enforcement` in `GET /health`); else per process, in whole seconds.
     pub cpu_time_ms: Option<u64>,
     /// Memory in bytes.
     pub memory_bytes: Option<u64>,
@@ -66,23 +68,23 @@ pub struct RequestLimits {
 #[oai(example)]
 pub struct ExecuteRequest {
     /// Runtime name or alias (`python3`, `py`, `c`...); the server's default when absent.
-    pub runtime: Option<String>,
+    pub runtime: Option<Text>,
     /// Version selector: `3` or `3.11` matches 3.11.2; absent or `*` takes any.
-    pub version: Option<String>,
+    pub version: Option<Text>,
     /// The source files; give either `files` or `code`.
     pub files: Option<Vec<FileInput>>,
     /// Shorthand for one file saved under the runtime's `file_name`.
-    pub code: Option<String>,
+    pub code: Option<Text>,
     /// Name of the file the runtime runs (its `{file}`); the first file when absent.
-    pub entry: Option<String>,
+    pub entry: Option<Text>,
     /// Standard input for the run stage (UTF-8).
-    pub stdin: Option<String>,
+    pub stdin: Option<Text>,
     /// Command-line arguments appended to the run command.
-    pub args: Option<Vec<String>>,
+    pub args: Option<Vec<Text>>,
     pub limits: Option<RequestLimits>,
     /// When given, the response has a `verdict`: `accepted` if stdout equals this,
     /// ignoring trailing whitespace on each line and trailing blank lines.
-    pub expected_output: Option<String>,
+    pub expected_output: Option<Text>,
 }
 
 impl poem_openapi::types::Example for ExecuteRequest {
@@ -277,7 +279,7 @@ impl ExecuteApi {
         body: Json<ExecuteRequest>,
     ) -> ExecuteResult {
         let body = body.0;
-        let expected = body.expected_output.clone();
+        let expected = body.expected_output.clone().map(Text::into_string);
         let request = match to_core_request(&state, body) {
             Ok(r) => r,
             Err(e) => return e.into(),
@@ -315,7 +317,7 @@ fn to_core_request(state: &AppState, body: ExecuteRequest) -> Result<ExecutionRe
     let mut files = Vec::with_capacity(inputs.len());
     for (i, input) in inputs.into_iter().enumerate() {
         let name = match input.name {
-            Some(n) => n,
+            Some(n) => n.into_string(),
             None if i == 0 => runtime.file_name.clone(),
             None => return Err(invalid(format!("files[{i}] needs a `name`"))),
         };
@@ -324,7 +326,7 @@ fn to_core_request(state: &AppState, body: ExecuteRequest) -> Result<ExecutionRe
             return Err(invalid(format!("files[{i}]: duplicate file name `{name}`")));
         }
         let content = match input.encoding.unwrap_or(Encoding::Utf8) {
-            Encoding::Utf8 => input.content.into_bytes(),
+            Encoding::Utf8 => input.content.into_string().into_bytes(),
             Encoding::Base64 => BASE64
                 .decode(input.content.as_bytes())
                 .map_err(|e| invalid(format!("files[{i}] (`{name}`): invalid base64: {e}")))?,
@@ -332,7 +334,7 @@ fn to_core_request(state: &AppState, body: ExecuteRequest) -> Result<ExecutionRe
         files.push(SourceFile { name, content });
     }
     let entry = match body.entry {
-        Some(entry) if files.iter().any(|f| f.name == entry) => entry,
+        Some(entry) if files.iter().any(|f| *f.name == *entry) => entry.into_string(),
         Some(entry) => {
             return Err(invalid(format!(
                 "`entry` names `{entry}`, which is not among the files"
@@ -340,7 +342,12 @@ fn to_core_request(state: &AppState, body: ExecuteRequest) -> Result<ExecutionRe
         }
         None => files[0].name.clone(),
     };
-    let args = body.args.unwrap_or_default();
+    let args: Vec<String> = body
+        .args
+        .unwrap_or_default()
+        .into_iter()
+        .map(Text::into_string)
+        .collect();
     if args.len() > MAX_ARGS {
         return Err(invalid(format!("at most {MAX_ARGS} `args`")));
     }
@@ -353,7 +360,7 @@ fn to_core_request(state: &AppState, body: ExecuteRequest) -> Result<ExecutionRe
         runtime,
         files,
         entry,
-        stdin: body.stdin.unwrap_or_default().into_bytes(),
+        stdin: body.stdin.unwrap_or_default().into_string().into_bytes(),
         args,
         limits,
     };
