@@ -38,9 +38,10 @@ fn main() -> anyhow::Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some(LAUNCHER_ARG) => mixed_docker_executor::execution::launcher_main(),
         // The helper waiting inside a prepared sandbox (see execution/stage_exec.rs).
-        Some(STAGE_EXEC_ARG) => {
-            mixed_docker_executor::execution::stage_exec_main(std::env::args().nth(2))
-        }
+        Some(STAGE_EXEC_ARG) => mixed_docker_executor::execution::stage_exec_main(
+            std::env::args().nth(2),
+            std::env::args().nth(3),
+        ),
         _ => {}
     }
     tokio::runtime::Builder::new_multi_thread()

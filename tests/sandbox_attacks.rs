@@ -440,6 +440,17 @@ async fn no_descriptor_of_the_daemon_reaches_the_sandbox() {
     .await;
 }
 
+fn parent_of(pid: i32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields resume after the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 #[tokio::test]
 async fn a_killed_slot_launcher_is_replaced() {
     bounded(60, async {
@@ -460,6 +471,9 @@ async fn a_killed_slot_launcher_is_replaced() {
         let launchers: Vec<i32> = procs
             .lines()
             .filter_map(|p| p.trim().parse().ok())
+            // The launcher is this process's child; a stage it has just forked (not yet
+            // exec'd) shows the same command line but is the launcher's child.
+            .filter(|pid: &i32| parent_of(*pid) == Some(std::process::id()))
             .filter(|pid: &i32| {
                 std::fs::read(format!("/proc/{pid}/cmdline"))
                     .is_ok_and(|c| String::from_utf8_lossy(&c).contains("__slot-launcher"))

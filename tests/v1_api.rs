@@ -220,6 +220,41 @@ async fn binary_output_comes_back_as_base64() {
 }
 
 #[tokio::test]
+async fn exit_codes_above_128_are_not_mistaken_for_signals() {
+    bounded(60, async {
+        let t = app_for_tests().await;
+        // bubblewrap alone reports SIGKILL as 137: the helper's exact status must win.
+        for code in [129, 137, 139, 192] {
+            let r = t
+                .execute(json!({"code": format!("import sys\nsys.exit({code})")}))
+                .await;
+            assert_eq!(r["run"]["exit_code"], code, "{r}");
+            assert!(r["run"]["signal"].is_null(), "{r}");
+            assert_eq!(r["status"], "runtime_error", "{r}");
+        }
+        let r = t
+            .execute(json!({"code": "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)"}))
+            .await;
+        assert_eq!(r["run"]["signal"], 11, "{r}");
+        assert!(r["run"]["exit_code"].is_null(), "{r}");
+        // The seed contract: the exit code itself, not minus a signal number.
+        let r = t.submit("import sys\nsys.exit(137)", None).await;
+        assert_eq!(r["return_code"], 137, "{r}");
+        // A compiled program's run stage starts its own sandbox after the compile one.
+        if installed("gcc") {
+            let r = t
+                .execute(json!({"runtime": "c", "code": "int main(void) { return 130; }"}))
+                .await;
+            assert_eq!(r["run"]["exit_code"], 130, "{r}");
+            assert!(r["run"]["signal"].is_null(), "{r}");
+        } else {
+            println!("SKIPPED: the C part (gcc is not installed)");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn results_carry_exit_signal_times_and_memory() {
     bounded(60, async {
         let t = app_for_tests().await;

@@ -50,6 +50,8 @@ struct PreparedSandbox {
     spawned: Spawned,
     /// Write end of the pipe the helper inside waits on.
     control: OwnedFd,
+    /// Read end of the pipe the helper reports the stage's wait status on.
+    status: OwnedFd,
     /// The runtime paths bound into it: a runtime needing others gets a fresh sandbox.
     binds: Vec<PathBuf>,
 }
@@ -281,11 +283,11 @@ impl Executor {
         tracing::warn!(slot = index, "processes of the last run are still exiting");
     }
 
-    /// Set up a sandbox in slot `index` that waits for its stage (best effort).
+    /// Set up a sandbox in slot `index` that waits for its next stage (best effort).
     async fn prepare_sandbox(&self, index: usize) {
-        let (Some(bwrap), Some(helper)) = (&self.bwrap, &self.helper) else {
+        if self.bwrap.is_none() || self.helper.is_none() {
             return;
-        };
+        }
         let slot = match self.slots.make_dirs(index) {
             Ok(slot) => slot,
             Err(e) => {
@@ -298,14 +300,26 @@ impl Executor {
             .lock()
             .map(|b| b.clone())
             .unwrap_or_default();
-        let (command, control) =
-            match bwrap.build_prepared(&slot.dir, &self.sandbox_path, &binds, helper) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot build a prepared sandbox");
-                    return;
+        match self.start_prepared(slot, binds).await {
+            Ok(prepared) => {
+                if let Some(Ok(mut cell)) = self.prepared.get(index).map(|m| m.lock()) {
+                    *cell = Some(prepared);
                 }
-            };
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot start a prepared sandbox"),
+        }
+    }
+
+    /// Start a bubblewrap sandbox on `slot`'s dirs whose helper waits for a stage's command.
+    async fn start_prepared(
+        &self,
+        slot: &Slot,
+        binds: Vec<PathBuf>,
+    ) -> Result<PreparedSandbox, String> {
+        let (Some(bwrap), Some(helper)) = (&self.bwrap, &self.helper) else {
+            return Err("prepared sandboxes are off".into());
+        };
+        let prepared = bwrap.build_prepared(&slot.dir, &self.sandbox_path, &binds, helper)?;
         let ctx = RunContext {
             uid: slot.uid,
             cgroup: slot.cgroup.as_ref(),
@@ -314,20 +328,16 @@ impl Executor {
             stdin: &[],
             backend_processes: 2,
             exit_code_encodes_signal: true,
+            status_pipe: None,
             launcher: slot.launcher(),
         };
-        match start_stage(command, &ctx).await {
-            Ok(spawned) => {
-                if let Some(Ok(mut cell)) = self.prepared.get(index).map(|m| m.lock()) {
-                    *cell = Some(PreparedSandbox {
-                        spawned,
-                        control,
-                        binds,
-                    });
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot start a prepared sandbox"),
-        }
+        let spawned = start_stage(prepared.command, &ctx).await?;
+        Ok(PreparedSandbox {
+            spawned,
+            control: prepared.control,
+            status: prepared.status,
+            binds,
+        })
     }
 
     /// End a prepared sandbox that will not be used, and wait for it, so the slot's
@@ -490,7 +500,24 @@ impl Executor {
             stdin,
             backend_processes: if is_bwrap { 2 } else { 0 },
             exit_code_encodes_signal: is_bwrap,
+            status_pipe: None,
             launcher: slot.launcher(),
+        };
+        // Every bubblewrap stage goes through the stage-exec helper (which reports exact
+        // exit statuses): the slot's prepared sandbox when it suits, else one started now,
+        // on the work dir as the earlier stage left it.
+        let prepared = match prepared {
+            Some(p) => Some(p),
+            None if is_bwrap && self.helper.is_some() => {
+                match self
+                    .start_prepared(slot, request.runtime.ro_binds.clone())
+                    .await
+                {
+                    Ok(p) => Some(p),
+                    Err(e) => return StageReport::internal(e, limits),
+                }
+            }
+            None => None,
         };
         if let Some(prepared) = prepared {
             return self
@@ -520,10 +547,12 @@ impl Executor {
         runtime_env: &[(String, String)],
         ctx: &RunContext<'_>,
     ) -> StageReport {
-        // Inside the sandbox's user namespace only bubblewrap's init shares the count with
-        // the stage (the cold path's limit also counts bubblewrap's outer process).
+        // Inside the sandbox's user namespace bubblewrap's init and the waiting helper share
+        // the count with the stage (the cold path's limit also counts bubblewrap's outer
+        // process).
         let ctx = &RunContext {
-            backend_processes: 1,
+            backend_processes: 2,
+            status_pipe: Some(&prepared.status),
             launcher: ctx.launcher.clone(),
             ..*ctx
         };

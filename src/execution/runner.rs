@@ -37,6 +37,9 @@ pub(crate) struct RunContext<'a> {
     pub(crate) backend_processes: u64,
     /// bubblewrap reports a signal death as exit code 128 + signal.
     pub(crate) exit_code_encodes_signal: bool,
+    /// Where the stage-exec helper reports the stage's exact wait status (see
+    /// `stage_exec.rs`); it wins over the decoding above when it arrived.
+    pub(crate) status_pipe: Option<&'a OwnedFd>,
     /// The slot's launcher, when it has one (see `launcher.rs`).
     pub(crate) launcher: Option<Arc<Launcher>>,
 }
@@ -458,7 +461,9 @@ pub(crate) async fn supervise(
         return StageReport::internal("lost track of the stage's process", limits);
     };
     let (mut exit_code, mut signal) = decode_status(exit.status);
-    if ctx.exit_code_encodes_signal {
+    if let Some(status) = ctx.status_pipe.and_then(read_reported_status) {
+        (exit_code, signal) = decode_status(status);
+    } else if ctx.exit_code_encodes_signal {
         if let Some(code) = exit_code.filter(|c| (129..=128 + 64).contains(c)) {
             exit_code = None;
             signal = Some(code - 128);
@@ -515,6 +520,15 @@ pub(crate) async fn supervise(
         limits,
         message: None,
     }
+}
+
+/// The wait status the stage-exec helper wrote, if it lived to write it (the pipe is
+/// non-blocking, and the helper is gone by the time the sandbox has exited).
+fn read_reported_status(pipe: &OwnedFd) -> Option<c_int> {
+    let mut buf = [0u8; 4];
+    // SAFETY: read into a valid 4-byte buffer from a descriptor we own.
+    let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    (n == 4).then(|| c_int::from_le_bytes(buf))
 }
 
 /// Resolve once the stage's whole tree has used `budget_ms` of CPU, as the slot's cgroup counts

@@ -1,13 +1,20 @@
-//! The waiting program inside a prepared sandbox.
+//! The waiting program inside a bubblewrap sandbox.
 //!
 //! Setting up bubblewrap's namespaces and mounts costs about 10 ms here, more than everything
 //! else a run adds. So each idle slot keeps one sandbox already set up, running this binary
-//! as `/.mde/stage-exec __stage-exec FD`: it blocks on FD until the daemon writes the stage's
-//! command, environment and limits, applies the limits to itself, and execs the command. The
-//! sandbox is used for one stage and then thrown away, like any other.
+//! as `/.mde/stage-exec __stage-exec CONTROL_FD STATUS_FD`: it blocks on CONTROL_FD until the
+//! daemon writes the stage's command, environment and limits. The sandbox is used for one
+//! stage and then thrown away, like any other. Stages without a prepared sandbox start one
+//! the same way and hand it the command at once.
+//!
+//! The helper forks the stage rather than becoming it, waits for it, and writes its raw wait
+//! status to STATUS_FD. bubblewrap reports a death by signal as exit code 128 + n, so without
+//! this `exit(137)` and SIGKILL would look the same. The status is only the stage's own word
+//! on how it ended (it could as well exit with any code); which limit ended a run is judged
+//! by the daemon, never from this.
 
-use std::ffi::CString;
-use std::io::Read;
+use std::ffi::{CString, c_int};
+use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
 
 use serde::{Deserialize, Serialize};
@@ -32,13 +39,16 @@ fn fail(message: &str) -> ! {
     std::process::exit(127)
 }
 
-/// Entry point of `__stage-exec FD`. Never returns: it execs the stage or exits 127.
-pub fn stage_exec_main(fd_arg: Option<String>) -> ! {
-    let Some(fd) = fd_arg.and_then(|f| f.parse::<i32>().ok()) else {
-        fail("usage: __stage-exec FD")
+/// Entry point of `__stage-exec CONTROL_FD STATUS_FD`. Never returns.
+pub fn stage_exec_main(control_arg: Option<String>, status_arg: Option<String>) -> ! {
+    let fd = |arg: Option<String>| arg.and_then(|f| f.parse::<i32>().ok());
+    let (Some(control_fd), Some(status_fd)) = (fd(control_arg), fd(status_arg)) else {
+        fail("usage: __stage-exec CONTROL_FD STATUS_FD")
     };
-    // SAFETY: the daemon passed this descriptor for us alone; we read it to the end.
-    let mut control = unsafe { std::fs::File::from_raw_fd(fd) };
+    // SAFETY: the daemon passed these descriptors for us alone.
+    let mut control = unsafe { std::fs::File::from_raw_fd(control_fd) };
+    // SAFETY: as above; written once after the stage ends.
+    let mut status_out = unsafe { std::fs::File::from_raw_fd(status_fd) };
     let mut text = Vec::new();
     if let Err(e) = control.read_to_end(&mut text) {
         fail(&format!("reading the command: {e}"));
@@ -52,38 +62,102 @@ pub fn stage_exec_main(fd_arg: Option<String>) -> ! {
         Ok(s) => s,
         Err(e) => fail(&format!("bad command: {e}")),
     };
-    for l in &spec.rlimits {
-        let rl = libc::rlimit {
-            rlim_cur: l.soft,
-            rlim_max: l.hard,
-        };
-        // SAFETY: setrlimit with a valid struct.
-        if unsafe { libc::setrlimit(l.resource, &rl) } != 0 {
-            fail(&format!("setrlimit: {}", std::io::Error::last_os_error()));
+    let exec = Prepared::new(&spec);
+    // SAFETY: this process has one thread, so the child may do anything before exec.
+    match unsafe { libc::fork() } {
+        -1 => fail(&format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(status_out);
+            exec.run(&spec)
+        }
+        child => {
+            // Hold none of the stage's pipes: their end must be the stage's alone. And turn
+            // off dumping, so the stage (same uid) cannot reach our descriptors via /proc.
+            // SAFETY: closing our own stdio and a prctl without pointers.
+            unsafe {
+                libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+                for fd in 0..3 {
+                    libc::close(fd);
+                }
+            }
+            let status = wait_for(child);
+            let _ = status_out.write_all(&status.to_le_bytes());
+            drop(status_out);
+            // Mirror the end for bubblewrap, which reports it as before.
+            if libc::WIFEXITED(status) {
+                std::process::exit(libc::WEXITSTATUS(status))
+            }
+            std::process::exit(128 + libc::WTERMSIG(status))
         }
     }
-    let cstr = |b: &[u8]| CString::new(b).unwrap_or_else(|_| fail("NUL byte in the command"));
-    let program = cstr(&spec.program);
-    let argv: Vec<CString> = std::iter::once(program.clone())
-        .chain(spec.args.iter().map(|a| cstr(a)))
-        .collect();
-    let envp: Vec<CString> = spec
-        .env
-        .iter()
-        .map(|(k, v)| cstr(&[k.as_slice(), b"=", v.as_slice()].concat()))
-        .collect();
-    let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
-        v.iter()
-            .map(|c| c.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect()
-    };
-    let (argv_p, envp_p) = (ptrs(&argv), ptrs(&envp));
-    // SAFETY: both arrays are NULL-terminated and point at live C strings.
-    unsafe { libc::execve(program.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
-    fail(&format!(
-        "cannot execute {}: {}",
-        String::from_utf8_lossy(&spec.program),
-        std::io::Error::last_os_error()
-    ))
+}
+
+fn wait_for(child: libc::pid_t) -> c_int {
+    let mut status: c_int = 0;
+    loop {
+        // SAFETY: waitpid with a valid out-pointer.
+        let r = unsafe { libc::waitpid(child, &mut status, 0) };
+        if r == child {
+            return status;
+        }
+        if r == -1 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // Lost track of it: say nothing, and bubblewrap's code stands.
+            std::process::exit(255);
+        }
+    }
+}
+
+/// The command as C strings, built before the fork so the child only applies and execs.
+struct Prepared {
+    program: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+}
+
+impl Prepared {
+    fn new(spec: &ExecSpec) -> Prepared {
+        let cstr = |b: &[u8]| CString::new(b).unwrap_or_else(|_| fail("NUL byte in the command"));
+        let program = cstr(&spec.program);
+        let argv = std::iter::once(program.clone())
+            .chain(spec.args.iter().map(|a| cstr(a)))
+            .collect();
+        let envp = spec
+            .env
+            .iter()
+            .map(|(k, v)| cstr(&[k.as_slice(), b"=", v.as_slice()].concat()))
+            .collect();
+        Prepared {
+            program,
+            argv,
+            envp,
+        }
+    }
+
+    /// In the forked child: apply the stage's limits and exec it.
+    fn run(&self, spec: &ExecSpec) -> ! {
+        for l in &spec.rlimits {
+            let rl = libc::rlimit {
+                rlim_cur: l.soft,
+                rlim_max: l.hard,
+            };
+            // SAFETY: setrlimit with a valid struct.
+            if unsafe { libc::setrlimit(l.resource, &rl) } != 0 {
+                fail(&format!("setrlimit: {}", std::io::Error::last_os_error()));
+            }
+        }
+        let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
+            v.iter()
+                .map(|c| c.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        let (argv_p, envp_p) = (ptrs(&self.argv), ptrs(&self.envp));
+        // SAFETY: both arrays are NULL-terminated and point at live C strings.
+        unsafe { libc::execve(self.program.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
+        fail(&format!(
+            "cannot execute {}: {}",
+            self.program.to_string_lossy(),
+            std::io::Error::last_os_error()
+        ))
+    }
 }

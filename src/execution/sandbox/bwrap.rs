@@ -9,7 +9,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io::{Seek, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use super::{SandboxBackend, SandboxCommand, StagePlan};
@@ -93,22 +93,25 @@ fn memfd_with(bytes: &[u8]) -> Result<OwnedFd, String> {
 
 impl BwrapBackend {
     /// A sandbox set up ahead of its stage: it runs the stage-exec helper (this binary,
-    /// bound at `HELPER_PATH`), which waits for the command on a pipe. Returns the command
-    /// and the pipe's write end.
+    /// bound at `HELPER_PATH`), which waits for the command on a pipe, runs it, and reports
+    /// its wait status on another.
     pub(crate) fn build_prepared(
         &self,
         slot_dir: &Path,
         path: &str,
         ro_binds: &[PathBuf],
         helper: &Path,
-    ) -> Result<(SandboxCommand, OwnedFd), String> {
+    ) -> Result<PreparedCommand, String> {
+        // The runner places pass_fds[i] at PASS_FD_BASE + i: the seccomp programs come first.
         let control_fd = PASS_FD_BASE + self.seccomp.len() as i32;
+        let status_fd = control_fd + 1;
         let binds_at = [(helper.to_path_buf(), PathBuf::from(HELPER_PATH))];
         let plan = StagePlan {
             argv: vec![
                 HELPER_PATH.into(),
                 STAGE_EXEC_ARG.into(),
                 control_fd.to_string(),
+                status_fd.to_string(),
             ],
             env: &[],
             ro_binds,
@@ -117,10 +120,38 @@ impl BwrapBackend {
             path,
         };
         let mut command = self.build(&plan)?;
-        let (read, write) = crate::execution::child::pipe_pair()?;
-        // The runner places it at PASS_FD_BASE + seccomp.len(), i.e. `control_fd`.
-        command.pass_fds.push(read);
-        Ok((command, write))
+        let (control_read, control) = crate::execution::child::pipe_pair()?;
+        let (status, status_write) = crate::execution::child::pipe_pair()?;
+        set_nonblocking(&status)?;
+        command.pass_fds.push(control_read);
+        command.pass_fds.push(status_write);
+        Ok(PreparedCommand {
+            command,
+            control,
+            status,
+        })
+    }
+}
+
+/// A prepared sandbox's command and the daemon's ends of its two pipes.
+pub(crate) struct PreparedCommand {
+    pub(crate) command: SandboxCommand,
+    /// Write the stage's `ExecSpec` here (closing it unwritten ends the helper).
+    pub(crate) control: OwnedFd,
+    /// The stage's raw wait status arrives here (non-blocking; empty if it was killed).
+    pub(crate) status: OwnedFd,
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> Result<(), String> {
+    // SAFETY: fcntl on a descriptor we own.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("fcntl: {}", std::io::Error::last_os_error()))
     }
 }
 
