@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestApp, app_with, assert_no_process_with, bounded, test_settings};
+use common::{TestApp, app_with, assert_no_process_with, bounded, installed, test_settings};
 use serde_json::{Value, json};
 
 /// Run python `code` through /api/v1/execute with `limits`; returns the run stage.
@@ -38,37 +38,68 @@ async fn fork_bomb_is_contained_and_a_concurrent_run_completes() {
     .await;
 }
 
+const PY_FORKER: &str = "import os, time\nn = 0\ntry:\n    for _ in range(1000):\n        if os.fork() == 0:\n            time.sleep(5); os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('refused after', n, e.errno)";
+
+const C_FORKER: &str = "#include <stdio.h>\n#include <unistd.h>\n#include <errno.h>\n\
+int main(void) { int n = 0; for (int i = 0; i < 1000; i++) { pid_t p = fork();\n\
+if (p == 0) { sleep(5); _exit(0); }\n\
+if (p < 0) { printf(\"refused after %d %d\\n\", n, errno); return 0; } n++; } return 0; }";
+
 #[tokio::test]
 async fn process_limit_is_enforced() {
-    bounded(60, async {
-        // Both ways a stage starts: in a prepared sandbox, and in a fresh one.
+    bounded(90, async {
+        // Every way a stage starts: in the slot's prepared sandbox, in one started on the
+        // spot (a compiled program's run stage), and without the helper at all.
         for prepared in [true, false] {
             let mut s = test_settings();
             s.sandbox.prepare_sandboxes = prepared;
-            check_process_limit(app_with(s).await).await;
+            let t = app_with(s).await;
+            let n = forks_until_refused(&t, "python3", PY_FORKER, 10).await;
+            // At most 9 children: the program itself is one of the 10. (Fewer when
+            // processes of an earlier run on the same uid are still being reaped.)
+            assert!((1..=9).contains(&n), "a limit of 10 processes: forked {n}");
+        }
+        if installed("gcc") {
+            let t = app_with(test_settings()).await;
+            let n = forks_until_refused(&t, "c", C_FORKER, 10).await;
+            assert!((1..=9).contains(&n), "a limit of 10 processes: forked {n}");
+        } else {
+            println!("SKIPPED: the C part (gcc is not installed)");
         }
     })
     .await;
 }
 
-async fn check_process_limit(t: TestApp) {
-    {
-        let code = "import os, time\nn = 0\ntry:\n    for _ in range(1000):\n        if os.fork() == 0:\n            time.sleep(5); os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('refused after', n, e.errno)";
-        let run = run_py(&t, code, json!({"processes": 10, "wall_time_ms": 4000})).await;
-        let out = run["stdout"].as_str().unwrap_or_default();
-        assert!(out.starts_with("refused after"), "{run}");
-        let n: u64 = out
-            .split_whitespace()
-            .nth(2)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(999);
-        // At most 9 children: the program itself is one of the 10. (Fewer when processes
-        // of an earlier run on the same uid are still being reaped.)
-        assert!(
-            (1..=9).contains(&n),
-            "a limit of 10 processes: forked {n}: {run}"
-        );
-    }
+#[tokio::test]
+async fn the_servers_maximum_process_count_is_granted_in_full() {
+    bounded(60, async {
+        let mut s = test_settings();
+        s.execution.max_concurrent = 1;
+        s.max_limits.processes = 12;
+        s.limits.processes = 12;
+        s.compile_limits.processes = 12;
+        let t = app_with(s).await;
+        // The sandbox's own processes (bubblewrap's two, the helper) must not eat into it.
+        let n = forks_until_refused(&t, "python3", PY_FORKER, 12).await;
+        assert_eq!(n, 11, "12 processes: the program and 11 children");
+    })
+    .await;
+}
+
+/// Run `code` (which forks until refused and prints `refused after N ERRNO`) under a limit
+/// of `limit` processes; returns N.
+async fn forks_until_refused(t: &TestApp, runtime: &str, code: &str, limit: u64) -> u64 {
+    let r = t
+        .execute(json!({"runtime": runtime, "code": code,
+                        "limits": {"processes": limit, "wall_time_ms": 4000}}))
+        .await;
+    let run = &r["run"];
+    let out = run["stdout"].as_str().unwrap_or_default();
+    assert!(out.starts_with("refused after"), "{r}");
+    out.split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(999)
 }
 
 #[tokio::test]

@@ -220,6 +220,26 @@ async fn binary_output_comes_back_as_base64() {
 }
 
 #[tokio::test]
+async fn programs_start_with_default_signal_handling() {
+    bounded(60, async {
+        let t = app_for_tests().await;
+        // With SIGPIPE ignored (Rust's start-up default leaking through exec), `yes` would
+        // report a broken pipe instead of dying quietly of SIGPIPE.
+        let r = t
+            .execute(json!({"runtime": "bash",
+                            "code": "yes | head -n 1\ngrep -E '^Sig(Ign|Blk)' /proc/self/status"}))
+            .await;
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["run"]["stderr"], "", "{r}");
+        assert_eq!(
+            r["run"]["stdout"], "y\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n",
+            "{r}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn exit_codes_above_128_are_not_mistaken_for_signals() {
     bounded(60, async {
         let t = app_for_tests().await;

@@ -3,7 +3,9 @@
 //! poem-openapi's `String` also takes numbers and booleans (`{"code": 42}` would run the
 //! program `42`). A client that sends the wrong type has a bug it should hear about, so every
 //! string a request carries is a `Text`, which accepts JSON strings only and otherwise fails
-//! like any other malformed field (400 with the field named). Its schema is plain `string`.
+//! like any other malformed body: a 400 whose message gives the expected type, the value
+//! found and the object it was in (poem-openapi does not say which field). Its schema is
+//! plain `string`.
 
 use std::borrow::Cow;
 use std::ops::Deref;

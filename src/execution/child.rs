@@ -81,8 +81,54 @@ pub(crate) unsafe fn prepare_child(
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
         // Set after setuid, which clears it.
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+        reset_signals();
     }
     Ok(())
+}
+
+/// Give the program default signal dispositions and an empty signal mask. Rust ignores
+/// SIGPIPE at start-up, and an ignored signal stays ignored across exec: without this a
+/// stage's `yes | head -n 1` complains of a broken pipe instead of ending quietly.
+///
+/// # Safety
+/// Call only in a forked child, before exec.
+pub(crate) unsafe fn reset_signals() {
+    /// The kernel's `struct sigaction` (the C library's differs, and its wrappers refuse
+    /// the two real-time signals it keeps for itself, which a parent may still ignore).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: libc::sighandler_t,
+        flags: libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: rt_sigaction and rt_sigprocmask with valid structs of the kernel's size;
+    // SIGKILL and SIGSTOP just fail. Both are async-signal-safe system calls.
+    unsafe {
+        for sig in 1..=64 {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+        let none: u64 = 0;
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &none as *const u64,
+            std::ptr::null_mut::<u64>(),
+            std::mem::size_of::<u64>(),
+        );
+    }
 }
 
 /// The most descriptors a backend may pass.

@@ -12,7 +12,7 @@ use super::admission::{Admission, SlotLease};
 use super::launcher::launcher_executable;
 use super::observer::ExecutionObserver;
 use super::report::{ExecutionReport, StageReport, StageStatus};
-use super::runner::{RunContext, Spawned, rlimits, run_stage, start_stage, supervise};
+use super::runner::{RunContext, Spawned, StageStart, rlimits, run_stage, start_stage, supervise};
 use super::sandbox::{BwrapBackend, ProcessBackend, SandboxBackend, StagePlan};
 use super::slots::{MemoryEnforcement, Slot, SlotOptions, SlotPool};
 use super::stage_exec::ExecSpec;
@@ -326,7 +326,9 @@ impl Executor {
             // Upper bounds only: the helper lowers them to the stage's limits before exec.
             limits: self.max_limits,
             stdin: &[],
-            backend_processes: 2,
+            // Outside the sandbox's user namespace the count under this ceiling holds
+            // bubblewrap's outer process, its init and the helper, besides the stage.
+            backend_processes: 3,
             exit_code_encodes_signal: true,
             status_pipe: None,
             launcher: slot.launcher(),
@@ -548,8 +550,7 @@ impl Executor {
         ctx: &RunContext<'_>,
     ) -> StageReport {
         // Inside the sandbox's user namespace bubblewrap's init and the waiting helper share
-        // the count with the stage (the cold path's limit also counts bubblewrap's outer
-        // process).
+        // the stage's count (the user namespace was made under the looser ceiling above).
         let ctx = &RunContext {
             backend_processes: 2,
             status_pipe: Some(&prepared.status),
@@ -567,7 +568,7 @@ impl Executor {
                 .collect(),
             rlimits: rlimits(ctx),
         };
-        let started = Instant::now();
+        let start = StageStart::now(ctx);
         let json = match serde_json::to_vec(&spec) {
             Ok(j) => j,
             Err(e) => return StageReport::internal(e.to_string(), ctx.limits),
@@ -586,7 +587,7 @@ impl Executor {
                 ctx.limits,
             );
         }
-        supervise(prepared.spawned, ctx, started).await
+        supervise(prepared.spawned, ctx, start).await
     }
 }
 

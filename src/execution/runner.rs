@@ -33,7 +33,8 @@ pub(crate) struct RunContext<'a> {
     pub(crate) cgroup: Option<&'a MemoryCgroup>,
     pub(crate) limits: Limits,
     pub(crate) stdin: &'a [u8],
-    /// Processes the backend itself needs under the same uid (bubblewrap's two).
+    /// Processes the backend itself needs under the same uid, counted where the limit
+    /// applies (see the engine: bubblewrap's outer process and init, and the helper).
     pub(crate) backend_processes: u64,
     /// bubblewrap reports a signal death as exit code 128 + signal.
     pub(crate) exit_code_encodes_signal: bool,
@@ -382,10 +383,26 @@ pub(crate) async fn start_stage(
 
 /// Run one stage to completion. Never panics; spawn failures become `InternalError`.
 pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> StageReport {
-    let started = Instant::now();
+    let start = StageStart::now(&ctx);
     match start_stage(cmd, &ctx).await {
-        Ok(spawned) => supervise(spawned, &ctx, started).await,
+        Ok(spawned) => supervise(spawned, &ctx, start).await,
         Err(e) => StageReport::internal(e, ctx.limits),
+    }
+}
+
+/// Taken just before a stage may start running: its wall time and CPU use count from here.
+pub(crate) struct StageStart {
+    at: Instant,
+    /// The slot's cgroup CPU counter, where there is one.
+    cpu: Option<Duration>,
+}
+
+impl StageStart {
+    pub(crate) fn now(ctx: &RunContext<'_>) -> StageStart {
+        StageStart {
+            at: Instant::now(),
+            cpu: ctx.cgroup.and_then(MemoryCgroup::cpu_usage),
+        }
     }
 }
 
@@ -393,11 +410,11 @@ pub(crate) async fn run_stage(cmd: SandboxCommand, ctx: RunContext<'_>) -> Stage
 pub(crate) async fn supervise(
     spawned: Spawned,
     ctx: &RunContext<'_>,
-    started: Instant,
+    start: StageStart,
 ) -> StageReport {
     let limits = ctx.limits;
     let oom_before = ctx.cgroup.map(MemoryCgroup::oom_kills).unwrap_or(0);
-    let cpu_before = ctx.cgroup.and_then(MemoryCgroup::cpu_usage);
+    let cpu_before = start.cpu;
     let Spawned {
         pid,
         stdin,
@@ -438,7 +455,7 @@ pub(crate) async fn supervise(
         exit_watch.kill(pid, ctx.cgroup).await;
     }
     let exit = exit_watch.finish(pid, ctx.cgroup).await;
-    let wall_time = started.elapsed();
+    let wall_time = start.at.elapsed();
     in_task.abort();
 
     // The tree is dead; give the pipes a moment to drain, then stop reading.
@@ -525,10 +542,11 @@ pub(crate) async fn supervise(
 /// The wait status the stage-exec helper wrote, if it lived to write it (the pipe is
 /// non-blocking, and the helper is gone by the time the sandbox has exited).
 fn read_reported_status(pipe: &OwnedFd) -> Option<c_int> {
-    let mut buf = [0u8; 4];
-    // SAFETY: read into a valid 4-byte buffer from a descriptor we own.
+    // One byte more than a status: anything but exactly four bytes is not a report.
+    let mut buf = [0u8; 5];
+    // SAFETY: read into a valid buffer of `buf.len()` bytes from a descriptor we own.
     let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    (n == 4).then(|| c_int::from_le_bytes(buf))
+    (n == 4).then(|| c_int::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]))
 }
 
 /// Resolve once the stage's whole tree has used `budget_ms` of CPU, as the slot's cgroup counts
@@ -546,14 +564,20 @@ async fn cpu_budget_spent(cgroup: Option<&MemoryCgroup>, before: Option<Duration
     let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     let cores = u32::try_from(online).unwrap_or(1).max(1);
     loop {
-        let Some(now) = cgroup.cpu_usage() else {
-            return std::future::pending().await;
+        let wait = match cgroup.cpu_usage() {
+            Some(now) => {
+                let used = now.saturating_sub(before);
+                if used >= budget {
+                    return;
+                }
+                ((budget - used) / cores).max(Duration::from_millis(10))
+            }
+            None => {
+                // RLIMIT_CPU still holds; try again rather than stop watching.
+                tracing::warn!("cannot read the slot's CPU usage");
+                Duration::from_millis(100)
+            }
         };
-        let used = now.saturating_sub(before);
-        if used >= budget {
-            return;
-        }
-        let wait = ((budget - used) / cores).max(Duration::from_millis(10));
         tokio::time::sleep(wait).await;
     }
 }

@@ -63,6 +63,13 @@ pub fn stage_exec_main(control_arg: Option<String>, status_arg: Option<String>) 
         Err(e) => fail(&format!("bad command: {e}")),
     };
     let exec = Prepared::new(&spec);
+    // Before the fork, so the stage (same uid) never sees us dumpable: no window in which
+    // it could open our descriptors or memory through /proc. Its own exec makes it
+    // dumpable again.
+    // SAFETY: a prctl without pointers.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        fail(&format!("prctl: {}", std::io::Error::last_os_error()));
+    }
     // SAFETY: this process has one thread, so the child may do anything before exec.
     match unsafe { libc::fork() } {
         -1 => fail(&format!("fork: {}", std::io::Error::last_os_error())),
@@ -71,11 +78,9 @@ pub fn stage_exec_main(control_arg: Option<String>, status_arg: Option<String>) 
             exec.run(&spec)
         }
         child => {
-            // Hold none of the stage's pipes: their end must be the stage's alone. And turn
-            // off dumping, so the stage (same uid) cannot reach our descriptors via /proc.
-            // SAFETY: closing our own stdio and a prctl without pointers.
+            // Hold none of the stage's pipes: their end must be the stage's alone.
+            // SAFETY: closing our own stdio.
             unsafe {
-                libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
                 for fd in 0..3 {
                     libc::close(fd);
                 }
@@ -101,7 +106,8 @@ fn wait_for(child: libc::pid_t) -> c_int {
             return status;
         }
         if r == -1 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            // Lost track of it: say nothing, and bubblewrap's code stands.
+            // Cannot happen for our own only child; if it did, no status is reported and
+            // the daemon sees exit code 255.
             std::process::exit(255);
         }
     }
@@ -135,6 +141,8 @@ impl Prepared {
 
     /// In the forked child: apply the stage's limits and exec it.
     fn run(&self, spec: &ExecSpec) -> ! {
+        // SAFETY: we are the forked child, about to exec.
+        unsafe { super::child::reset_signals() };
         for l in &spec.rlimits {
             let rl = libc::rlimit {
                 rlim_cur: l.soft,
