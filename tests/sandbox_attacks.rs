@@ -78,6 +78,8 @@ async fn the_servers_maximum_process_count_is_granted_in_full() {
         s.max_limits.processes = 12;
         s.limits.processes = 12;
         s.compile_limits.processes = 12;
+        // A uid range of its own: no other test's processes can be exiting under it.
+        s.sandbox.uid_base = 62_000;
         let t = app_with(s).await;
         // The sandbox's own processes (bubblewrap's two, the helper) must not eat into it.
         let n = forks_until_refused(&t, "python3", PY_FORKER, 12).await;

@@ -366,13 +366,42 @@ fn claim_uid(next: &mut u32, base: u32) -> Result<(u32, File), String> {
             .open(&path)
             .map_err(|e| format!("opening {}: {e}", path.display()))?;
         // SAFETY: flock on a descriptor we own; released when the file is closed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        // A free lock is not enough: processes of a daemon that just stopped may still be
+        // exiting under this uid, and they would count against our runs' process limit.
+        if !uid_has_processes(uid) {
             return Ok((uid, file));
         }
     }
     Err(format!(
         "no free sandbox uid from {base} on (all are locked by other daemons)"
     ))
+}
+
+/// Whether any process runs with `uid` as its real uid (the one RLIMIT_NPROC counts).
+fn uid_has_processes(uid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .as_encoded_bytes()
+                .iter()
+                .all(u8::is_ascii_digit)
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .any(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().next())
+                .and_then(|real| real.parse::<u32>().ok())
+                == Some(uid)
+        })
 }
 
 fn cstring(path: &Path) -> Result<std::ffi::CString, String> {
@@ -480,4 +509,17 @@ fn write_file(box_dir: &Path, file: &SourceFile, uid: Option<u32>) -> Result<(),
     std::io::Write::write_all(&mut out, &file.content)
         .map_err(|e| format!("writing {}: {e}", file.name))?;
     chown(&path, uid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uid_has_processes;
+
+    #[test]
+    fn finds_processes_by_real_uid() {
+        // SAFETY: getuid has no preconditions.
+        let me = unsafe { libc::getuid() };
+        assert!(uid_has_processes(me), "this test runs as uid {me}");
+        assert!(!uid_has_processes(3_999_999_999));
+    }
 }
