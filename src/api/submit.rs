@@ -13,8 +13,10 @@ use crate::execution::{ExecutionReport, ExecutionRequest, LimitKind, StageStatus
 #[oai(example)]
 pub struct SubmitCodeRequest {
     /// The source code to run, saved as the runtime's file (`main.py` for python3).
+    #[oai(deserialize_with = "super::text::code_required")]
     pub code: Text,
     /// Optional runtime name or alias (see `GET /api/v1/runtimes`); python3 when absent.
+    #[oai(deserialize_with = "super::text::runtime")]
     pub runtime: Option<Text>,
 }
 

@@ -33,8 +33,10 @@ pub enum Encoding {
 pub struct FileInput {
     /// Path relative to the work dir (`main.py`, `src/util.py`): no absolute paths, no `..`.
     /// Defaults to the runtime's `file_name` for the first file.
+    #[oai(deserialize_with = "super::text::file_name")]
     pub name: Option<Text>,
     /// The file's content, encoded as `encoding` says.
+    #[oai(deserialize_with = "super::text::file_content")]
     pub content: Text,
     /// `utf8` (default) or `base64`.
     pub encoding: Option<Encoding>,
@@ -68,22 +70,29 @@ pub struct RequestLimits {
 #[oai(example)]
 pub struct ExecuteRequest {
     /// Runtime name or alias (`python3`, `py`, `c`...); the server's default when absent.
+    #[oai(deserialize_with = "super::text::runtime")]
     pub runtime: Option<Text>,
     /// Version selector: `3` or `3.11` matches 3.11.2; absent or `*` takes any.
+    #[oai(deserialize_with = "super::text::version")]
     pub version: Option<Text>,
     /// The source files; give either `files` or `code`.
     pub files: Option<Vec<FileInput>>,
     /// Shorthand for one file saved under the runtime's `file_name`.
+    #[oai(deserialize_with = "super::text::code")]
     pub code: Option<Text>,
     /// Name of the file the runtime runs (its `{file}`); the first file when absent.
+    #[oai(deserialize_with = "super::text::entry")]
     pub entry: Option<Text>,
     /// Standard input for the run stage (UTF-8).
+    #[oai(deserialize_with = "super::text::stdin")]
     pub stdin: Option<Text>,
     /// Command-line arguments appended to the run command.
+    #[oai(deserialize_with = "super::text::args")]
     pub args: Option<Vec<Text>>,
     pub limits: Option<RequestLimits>,
     /// When given, the response has a `verdict`: `accepted` if stdout equals this,
     /// ignoring trailing whitespace on each line and trailing blank lines.
+    #[oai(deserialize_with = "super::text::expected_output")]
     pub expected_output: Option<Text>,
 }
 
