@@ -347,6 +347,44 @@ async fn the_daemon_cannot_be_killed_or_traced() {
 }
 
 #[tokio::test]
+async fn the_in_sandbox_helper_cannot_be_hijacked() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        // The helper that forked us runs as our uid and holds the status pipe: it must not
+        // let us at its descriptors or memory (it is not dumpable).
+        let code = "import os\n\
+                    pp = os.getppid()\n\
+                    print('parent', open(f'/proc/{pp}/cmdline', 'rb').read().split(b'\\0')[1].decode())\n\
+                    for what in ['fd', 'mem', 'environ']:\n    \
+                    try:\n        \
+                    os.listdir(f'/proc/{pp}/fd') if what == 'fd' else open(f'/proc/{pp}/{what}', 'rb').read(1)\n        \
+                    print(what, 'open')\n    \
+                    except PermissionError:\n        \
+                    print(what, 'denied')";
+        let run = run_py(&t, code, json!({})).await;
+        assert_eq!(
+            run["stdout"],
+            "parent __stage-exec\nfd denied\nmem denied\nenviron denied\n",
+            "{run}"
+        );
+        // Killing the helper ends this run (the sandbox goes with it), nothing else.
+        let code = "import os\nos.kill(os.getppid(), 9)\nos.execv('/usr/bin/sleep', ['sleep', '3131.5'])";
+        let run = run_py(&t, code, json!({"wall_time_ms": 20000})).await;
+        assert_eq!(run["status"], "runtime_error", "{run}");
+        assert!(
+            run["wall_time_ms"].as_u64().unwrap_or(u64::MAX) < 10_000,
+            "the run ends with its sandbox: {run}"
+        );
+        assert_no_process_with("3131.5", 5).await;
+        // The slot's next run has its helper again: exact exit codes.
+        let run = run_py(&t, "import sys\nsys.exit(137)", json!({})).await;
+        assert_eq!(run["exit_code"], 137, "{run}");
+        still_serving(&t).await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn mount_unshare_and_setuid_are_denied() {
     bounded(60, async {
         let t = app_with(test_settings()).await;
