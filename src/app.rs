@@ -40,7 +40,8 @@ impl App {
         let reload_observer: Arc<dyn ReloadObserver> = metrics.clone();
         let reloader = Reloader::new(Arc::clone(&settings), registry.clone(), reload_observer);
         let executor = Arc::new(executor);
-        executor.prepare_idle_slots().await;
+        let default_runtime = registry.snapshot().resolve(None, None).ok();
+        executor.prepare_idle_slots(default_runtime).await;
         Ok(App {
             state: AppState {
                 settings,

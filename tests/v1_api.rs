@@ -449,6 +449,7 @@ async fn version_selectors_match_prefixes() {
         assert_eq!(r["version"], version.as_str());
         assert_eq!(py["default"], true);
         assert_eq!(py["compiled"], false);
+        assert_eq!(py["warm"], true);
         assert!(py["limits"]["wall_time_ms"].as_u64().is_some());
         assert!(py["max_limits"]["memory_bytes"].as_u64().is_some());
         let c = list
@@ -456,6 +457,7 @@ async fn version_selectors_match_prefixes() {
             .and_then(|l| l.iter().find(|r| r["name"] == "c"))
             .expect("c");
         assert_eq!(c["compiled"], true);
+        assert_eq!(c["warm"], false);
         assert!(c["compile_limits"]["memory_bytes"].as_u64().is_some());
     })
     .await;
@@ -513,6 +515,106 @@ async fn wait_for(mut check: impl AsyncFnMut() -> bool, what: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("timed out waiting for {what}");
+}
+
+/// python3 exactly as the repo ships it, but not kept warm.
+fn cold_python() -> String {
+    let base = std::fs::read_to_string(common::repo_path("runtimes.toml")).expect("read");
+    let entry = base
+        .split("[[runtime]]")
+        .find(|e| e.contains("name = \"python3\""))
+        .expect("python3 entry");
+    assert!(entry.contains("warm = \"python\""), "python3 ships warm");
+    format!(
+        "[[runtime]]{}",
+        entry
+            .replace("name = \"python3\"", "name = \"pycold\"")
+            .replace("aliases = [\"python\", \"py\"]", "")
+            .replace("warm = \"python\"", "")
+    )
+}
+
+#[tokio::test]
+async fn a_warm_python_behaves_like_a_cold_one() {
+    bounded(90, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("runtimes.toml");
+        std::fs::write(&file, runtimes_with(&cold_python())).expect("write");
+        let mut s = test_settings();
+        s.runtimes.file = file;
+        s.execution.max_concurrent = 1;
+        let t = app_with(s).await;
+        let run = async |runtime: &str, code: &str, args: Value, stdin: &str| {
+            let r = t
+                .execute(json!({"runtime": runtime, "code": code, "args": args, "stdin": stdin}))
+                .await;
+            r["run"].clone()
+        };
+        // The warm path is the one taken: its interpreter was started with the bootstrap.
+        let argv3 = "print(open('/proc/self/cmdline', 'rb').read().split(b'\\0')[3].decode())";
+        assert_eq!(run("python3", argv3, json!([]), "").await["stdout"], "-c\n");
+        assert_eq!(run("pycold", argv3, json!([]), "").await["stdout"], "main.py\n");
+        let programs = [
+            "def f():\n    raise ValueError('boom')\nf()",
+            "print(\n",
+            "import sys\nprint(sys.argv, __name__, __file__, sys.path[0], sys.flags.dont_write_bytecode,\n      [m for m in ('json', 'types', 'resource') if m in sys.modules])",
+            "print(input()[::-1])",
+            "import sys\nprint('out'); sys.exit(3)",
+            "import os\nos.kill(os.getpid(), 9)",
+            "import atexit, threading\natexit.register(lambda: print('bye'))\nthreading.Thread(target=lambda: print('thread')).start()",
+            "import pickle\nclass P: pass\nprint(len(pickle.dumps(P())) > 0, P.__module__)",
+        ];
+        for code in programs {
+            // Python first, so its slot's next sandbox is warm again for the next program.
+            let warm = run("python3", code, json!(["a1"]), "abc\n").await;
+            let cold = run("pycold", code, json!(["a1"]), "abc\n").await;
+            for key in ["stdout", "stderr", "exit_code", "signal", "status"] {
+                assert_eq!(warm[key], cold[key], "{key} differs for {code:?}: {warm} vs {cold}");
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_reload_retires_warm_interpreters_of_the_old_definition() {
+    bounded(90, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("runtimes.toml");
+        std::fs::write(&file, runtimes_with("")).expect("write");
+        let mut s = test_settings();
+        s.runtimes.file = file.clone();
+        s.runtimes.watch = true;
+        s.runtimes.watch_interval_ms = 50;
+        s.execution.max_concurrent = 1;
+        let t = app_with(s).await;
+        let _watcher = t.app.spawn_reloader();
+        let mark = json!({"code": "import os\nprint(os.environ.get('MDE_MARK'))"});
+        assert_eq!(t.execute(mark.clone()).await["run"]["stdout"], "None\n");
+        // The slot now holds an interpreter started with the old environment.
+        let edited = runtimes_with("").replace(
+            "PYTHONIOENCODING = \"utf-8\" }",
+            "PYTHONIOENCODING = \"utf-8\", MDE_MARK = \"new\" }",
+        );
+        assert!(
+            edited.contains("MDE_MARK"),
+            "the python3 entry's env line changed"
+        );
+        std::fs::write(&file, edited).expect("write");
+        wait_for(
+            async || {
+                t.get("/metrics")
+                    .await
+                    .1
+                    .contains("mde_runtimes_reloads_total{result=\"success\"} 1")
+            },
+            "the reload",
+        )
+        .await;
+        // The very first run after the reload must see the new definition.
+        assert_eq!(t.execute(mark).await["run"]["stdout"], "new\n");
+    })
+    .await;
 }
 
 #[tokio::test]

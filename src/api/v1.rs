@@ -504,6 +504,9 @@ pub struct RuntimeInfo {
     pub default: bool,
     /// True when the runtime has a compile stage.
     pub compiled: bool,
+    /// True when idle slots keep this runtime's interpreter started, waiting for the next
+    /// program (`warm` in runtimes.toml): its submissions skip the interpreter's start-up.
+    pub warm: bool,
     /// The name a single submitted file is saved as.
     pub file_name: String,
     /// Whether the runtime's commands are installed here.
@@ -551,6 +554,7 @@ impl RuntimesApi {
                     version: r.version.clone(),
                     default: r.name == set.default,
                     compiled: r.compile.is_some(),
+                    warm: r.warm.is_some(),
                     file_name: r.file_name.clone(),
                     available: r.availability.available,
                     unavailable_reason: r.availability.reason.clone(),

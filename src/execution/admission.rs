@@ -2,6 +2,7 @@
 //! refused at once (the API answers 429). Each admitted execution holds a slot index, which
 //! picks its uid, cgroup and work dir.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -17,7 +18,9 @@ pub struct Busy {
 
 pub(crate) struct Admission {
     semaphore: Arc<Semaphore>,
-    free: Arc<Mutex<Vec<usize>>>,
+    /// Free slots, least recently used first: a slot that was just given back is still
+    /// preparing its next sandbox (and warming its interpreter), so it goes last.
+    free: Arc<Mutex<VecDeque<usize>>>,
     waiting: AtomicUsize,
     slots: usize,
     queue: usize,
@@ -26,15 +29,15 @@ pub(crate) struct Admission {
 /// An admitted execution's slot; returned to the pool on drop.
 pub(crate) struct SlotLease {
     pub(crate) index: usize,
-    free: Arc<Mutex<Vec<usize>>>,
+    free: Arc<Mutex<VecDeque<usize>>>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for SlotLease {
     fn drop(&mut self) {
         match self.free.lock() {
-            Ok(mut free) => free.push(self.index),
-            Err(poisoned) => poisoned.into_inner().push(self.index),
+            Ok(mut free) => free.push_back(self.index),
+            Err(poisoned) => poisoned.into_inner().push_back(self.index),
         }
     }
 }
@@ -43,7 +46,7 @@ impl Admission {
     pub(crate) fn new(slots: usize, queue: usize) -> Self {
         Admission {
             semaphore: Arc::new(Semaphore::new(slots)),
-            free: Arc::new(Mutex::new((0..slots).rev().collect())),
+            free: Arc::new(Mutex::new((0..slots).collect())),
             waiting: AtomicUsize::new(0),
             slots,
             queue,
@@ -86,8 +89,8 @@ impl Admission {
             }
         };
         let index = match self.free.lock() {
-            Ok(mut free) => free.pop(),
-            Err(poisoned) => poisoned.into_inner().pop(),
+            Ok(mut free) => free.pop_front(),
+            Err(poisoned) => poisoned.into_inner().pop_front(),
         };
         // The semaphore guarantees a free index; a missing one would be a bug, refuse safely.
         let Some(index) = index else {

@@ -16,6 +16,7 @@ use super::runner::{RunContext, Spawned, StageStart, rlimits, run_stage, start_s
 use super::sandbox::{BwrapBackend, ProcessBackend, SandboxBackend, StagePlan};
 use super::slots::{MemoryEnforcement, Slot, SlotOptions, SlotPool};
 use super::stage_exec::ExecSpec;
+use super::warm::{WarmRequest, warm_command};
 use super::{ExecuteError, ExecutionRequest, Limits};
 use crate::config::{BackendKind, Settings};
 use crate::runtimes::{Runtime, resolve_command};
@@ -48,20 +49,42 @@ impl ExecutorInfo {
 /// A bubblewrap sandbox set up ahead of the stage it will run (see `stage_exec.rs`).
 struct PreparedSandbox {
     spawned: Spawned,
-    /// Write end of the pipe the helper inside waits on.
-    control: OwnedFd,
+    /// What it waits for.
+    waiting: Waiting,
     /// Read end of the pipe the helper reports the stage's wait status on.
     status: OwnedFd,
     /// The runtime paths bound into it: a runtime needing others gets a fresh sandbox.
     binds: Vec<PathBuf>,
 }
 
+enum Waiting {
+    /// The helper waits for any stage's command on this pipe.
+    Command(OwnedFd),
+    /// A started interpreter of `runtime` waits for its program on `request` (see
+    /// `warm.rs`); it suits only that runtime, as loaded then (a reload makes a new one).
+    Warm {
+        runtime: Arc<Runtime>,
+        request: OwnedFd,
+    },
+}
+
 impl PreparedSandbox {
     /// End it unused, and wait for that, so the slot's launcher is free again.
     async fn discard(self, cgroup: Option<&super::cgroup::MemoryCgroup>) {
-        // Closing the pipe unread makes the helper exit; the kill makes sure.
-        drop(self.control);
+        // Closing the pipe unread makes the waiting program exit; the kill makes sure.
+        drop(self.waiting);
         self.spawned.discard(cgroup).await;
+    }
+
+    fn suits(&mut self, runtime: &Arc<Runtime>) -> bool {
+        let waits_for_it = match &self.waiting {
+            Waiting::Command(_) => true,
+            Waiting::Warm { runtime: warm, .. } => Arc::ptr_eq(warm, runtime),
+        };
+        waits_for_it
+            && runtime.backend == BackendKind::Bwrap
+            && runtime.ro_binds.iter().all(|b| self.binds.contains(b))
+            && !self.spawned.has_exited()
     }
 }
 
@@ -71,6 +94,9 @@ pub struct Executor {
     prepared: Vec<Mutex<Option<PreparedSandbox>>>,
     /// Every runtime bind seen so far, so later prepared sandboxes suit those runtimes too.
     prepared_binds: Mutex<Vec<PathBuf>>,
+    /// Per slot: the warm runtime its prepared sandboxes start (the default one at first,
+    /// then the warm runtime the slot last ran).
+    warm_for: Vec<Mutex<Option<Arc<Runtime>>>>,
     /// The binary bound into prepared sandboxes as the stage-exec helper; `None` disables them.
     helper: Option<PathBuf>,
     max_limits: Limits,
@@ -118,6 +144,7 @@ impl Executor {
             admission: Admission::new(count, settings.execution.queue_size),
             prepared: (0..count).map(|_| Mutex::new(None)).collect(),
             prepared_binds: Mutex::new(Vec::new()),
+            warm_for: (0..count).map(|_| Mutex::new(None)).collect(),
             helper,
             max_limits: settings.max_limits,
             in_flight: std::sync::atomic::AtomicUsize::new(0),
@@ -173,6 +200,7 @@ impl Executor {
             max_limits: Limits::default_max(),
             compile_limits: Limits::default_compile(),
             backend: self.backend,
+            warm: None,
             availability: crate::runtimes::Availability {
                 available: true,
                 reason: None,
@@ -230,6 +258,11 @@ impl Executor {
                 this.observer.finished(&runtime, &report, started.elapsed());
             }
             let _ = tx.send(report);
+            if warmable(&request.runtime) {
+                if let Some(Ok(mut warm)) = this.warm_for.get(lease.index).map(|m| m.lock()) {
+                    *warm = Some(Arc::clone(&request.runtime));
+                }
+            }
             this.settle_slot(lease.index).await;
             this.slots.clear(lease.index);
             this.prepare_sandbox(lease.index).await;
@@ -240,10 +273,17 @@ impl Executor {
     }
 
     /// Give every idle slot a prepared sandbox (at start-up; afterwards each run prepares
-    /// its slot's next one).
-    pub async fn prepare_idle_slots(self: &Arc<Self>) {
+    /// its slot's next one), with `default` waiting started in it when it is a warm runtime.
+    pub async fn prepare_idle_slots(self: &Arc<Self>, default: Option<Arc<Runtime>>) {
         if self.helper.is_none() {
             return;
+        }
+        if let Some(runtime) = default.filter(|r| warmable(r)) {
+            for cell in &self.warm_for {
+                if let Ok(mut warm) = cell.lock() {
+                    *warm = Some(Arc::clone(&runtime));
+                }
+            }
         }
         // Hold every lease until all slots are visited, so each slot gets its turn.
         let mut leases = Vec::with_capacity(self.slots.slots.len());
@@ -300,7 +340,11 @@ impl Executor {
             .lock()
             .map(|b| b.clone())
             .unwrap_or_default();
-        match self.start_prepared(slot, binds).await {
+        let warm = self
+            .warm_for
+            .get(index)
+            .and_then(|m| m.lock().ok().and_then(|w| w.clone()));
+        match self.start_prepared(slot, binds, warm).await {
             Ok(prepared) => {
                 if let Some(Ok(mut cell)) = self.prepared.get(index).map(|m| m.lock()) {
                     *cell = Some(prepared);
@@ -310,16 +354,24 @@ impl Executor {
         }
     }
 
-    /// Start a bubblewrap sandbox on `slot`'s dirs whose helper waits for a stage's command.
+    /// Start a bubblewrap sandbox on `slot`'s dirs whose helper waits for a stage's command,
+    /// or, with `warm`, has already started that runtime's interpreter waiting for a program.
     async fn start_prepared(
         &self,
         slot: &Slot,
         binds: Vec<PathBuf>,
+        warm: Option<Arc<Runtime>>,
     ) -> Result<PreparedSandbox, String> {
         let (Some(bwrap), Some(helper)) = (&self.bwrap, &self.helper) else {
             return Err("prepared sandboxes are off".into());
         };
-        let prepared = bwrap.build_prepared(&slot.dir, &self.sandbox_path, &binds, helper)?;
+        let prepared = bwrap.build_prepared(
+            &slot.dir,
+            &self.sandbox_path,
+            &binds,
+            helper,
+            warm.is_some(),
+        )?;
         let ctx = RunContext {
             uid: slot.uid,
             cgroup: slot.cgroup.as_ref(),
@@ -333,13 +385,60 @@ impl Executor {
             status_pipe: None,
             launcher: slot.launcher(),
         };
+        let waiting = match (warm, prepared.warm) {
+            (Some(runtime), Some((request, fd))) => {
+                self.start_warm(&runtime, slot, prepared.control, fd)?;
+                Waiting::Warm { runtime, request }
+            }
+            _ => Waiting::Command(prepared.control),
+        };
         let spawned = start_stage(prepared.command, &ctx).await?;
         Ok(PreparedSandbox {
             spawned,
-            control: prepared.control,
+            waiting,
             status: prepared.status,
             binds,
         })
+    }
+
+    /// Hand the helper the command that starts `runtime`'s interpreter waiting on `fd`,
+    /// under the runtime's maximum limits (the interpreter lowers them per request).
+    fn start_warm(
+        &self,
+        runtime: &Runtime,
+        slot: &Slot,
+        control: OwnedFd,
+        fd: std::ffi::c_int,
+    ) -> Result<(), String> {
+        let kind = runtime.warm.ok_or("not a warm runtime")?;
+        let mut argv = warm_command(kind, &runtime.run, fd).into_iter();
+        let program = argv.next().unwrap_or_default();
+        let program = resolve_command(&program, &self.sandbox_path)
+            .ok_or_else(|| format!("command `{program}` is not installed"))?;
+        if let Some(cg) = &slot.cgroup {
+            cg.prepare(runtime.max_limits.memory_bytes)?;
+        }
+        let ctx = RunContext {
+            uid: slot.uid,
+            cgroup: slot.cgroup.as_ref(),
+            limits: runtime.max_limits,
+            stdin: &[],
+            backend_processes: 2,
+            exit_code_encodes_signal: true,
+            status_pipe: None,
+            launcher: None,
+        };
+        let spec = exec_spec(
+            program.as_os_str().as_encoded_bytes().to_vec(),
+            argv,
+            &self.sandbox_path,
+            &runtime.env,
+            &ctx,
+        );
+        let json = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
+        // Small enough for the pipe's buffer: this write does not wait for the helper.
+        std::io::Write::write_all(&mut std::fs::File::from(control), &json)
+            .map_err(|e| format!("starting the warm interpreter: {e}"))
     }
 
     /// End a prepared sandbox that will not be used, and wait for it, so the slot's
@@ -353,13 +452,10 @@ impl Executor {
 
     /// Take slot `index`'s prepared sandbox if it suits `runtime`; discard it otherwise (a
     /// slot's launcher serves one sandbox at a time).
-    async fn take_prepared(&self, index: usize, runtime: &Runtime) -> Option<PreparedSandbox> {
+    async fn take_prepared(&self, index: usize, runtime: &Arc<Runtime>) -> Option<PreparedSandbox> {
         let taken = self.prepared.get(index)?.lock().ok()?.take();
         let mut prepared = taken?;
-        let suits = runtime.backend == BackendKind::Bwrap
-            && runtime.ro_binds.iter().all(|b| prepared.binds.contains(b))
-            && !prepared.spawned.has_exited();
-        if suits {
+        if prepared.suits(runtime) {
             return Some(prepared);
         }
         if let Ok(mut seen) = self.prepared_binds.lock() {
@@ -486,12 +582,21 @@ impl Executor {
                 );
             }
         }
+        let mut prepared = prepared;
         if let Some(cg) = &slot.cgroup {
             if let Err(e) = cg.prepare(limits.memory_bytes) {
-                if let Some(p) = prepared {
-                    p.discard(slot.cgroup.as_ref()).await;
+                // A warm interpreter may already use more than a very low limit: without
+                // it the limit can be set, and the stage starts cold.
+                let retried = match prepared.take() {
+                    Some(p) => {
+                        p.discard(Some(cg)).await;
+                        cg.prepare(limits.memory_bytes).is_ok()
+                    }
+                    None => false,
+                };
+                if !retried {
+                    return StageReport::internal(e, limits);
                 }
-                return StageReport::internal(e, limits);
             }
         }
         let is_bwrap = backend.kind() == BackendKind::Bwrap;
@@ -512,7 +617,7 @@ impl Executor {
             Some(p) => Some(p),
             None if is_bwrap && self.helper.is_some() => {
                 match self
-                    .start_prepared(slot, request.runtime.ro_binds.clone())
+                    .start_prepared(slot, request.runtime.ro_binds.clone(), None)
                     .await
                 {
                     Ok(p) => Some(p),
@@ -522,8 +627,15 @@ impl Executor {
             None => None,
         };
         if let Some(prepared) = prepared {
+            // A warm interpreter gets the program's own argv: from `{file}` on.
+            let program_argv = template
+                .iter()
+                .position(|a| a == "{file}")
+                .and_then(|at| argv.get(at..))
+                .map(<[String]>::to_vec)
+                .unwrap_or_default();
             return self
-                .run_prepared(prepared, argv, &request.runtime.env, &ctx)
+                .run_prepared(prepared, argv, program_argv, &request.runtime.env, &ctx)
                 .await;
         }
         let plan = StagePlan {
@@ -541,11 +653,13 @@ impl Executor {
         run_stage(command, ctx).await
     }
 
-    /// Hand the stage's command to the helper waiting in a prepared sandbox.
+    /// Hand the stage to the prepared sandbox: its command to the waiting helper, or its
+    /// program to the waiting interpreter.
     async fn run_prepared(
         &self,
         prepared: PreparedSandbox,
         argv: Vec<String>,
+        program_argv: Vec<String>,
         runtime_env: &[(String, String)],
         ctx: &RunContext<'_>,
     ) -> StageReport {
@@ -557,27 +671,28 @@ impl Executor {
             launcher: ctx.launcher.clone(),
             ..*ctx
         };
-        let bytes = |s: &std::ffi::OsStr| s.as_encoded_bytes().to_vec();
-        let mut argv = argv.into_iter().map(String::into_bytes);
-        let spec = ExecSpec {
-            program: argv.next().unwrap_or_default(),
-            args: argv.collect(),
-            env: super::sandbox::sandboxed_env(&self.sandbox_path, runtime_env)
-                .iter()
-                .map(|(k, v)| (bytes(k), bytes(v)))
-                .collect(),
-            rlimits: rlimits(ctx),
+        let (pipe, json) = match prepared.waiting {
+            Waiting::Command(control) => {
+                let mut argv = argv.into_iter();
+                let program = argv.next().unwrap_or_default().into_bytes();
+                let spec = exec_spec(program, argv, &self.sandbox_path, runtime_env, ctx);
+                (control, serde_json::to_vec(&spec))
+            }
+            Waiting::Warm { request, .. } => {
+                let warm = WarmRequest::new(program_argv, &rlimits(ctx));
+                (request, Ok(warm.encode()))
+            }
         };
-        let start = StageStart::now(ctx);
-        let json = match serde_json::to_vec(&spec) {
+        let json = match json {
             Ok(j) => j,
             Err(e) => return StageReport::internal(e.to_string(), ctx.limits),
         };
-        let control = std::fs::File::from(prepared.control);
-        // A large command may not fit the pipe at once; the helper reads while we write.
+        let start = StageStart::now(ctx);
+        let pipe = std::fs::File::from(pipe);
+        // A large command may not fit the pipe at once; the reader reads while we write.
         let written = tokio::task::spawn_blocking(move || {
-            let mut control = control;
-            std::io::Write::write_all(&mut control, &json)
+            let mut pipe = pipe;
+            std::io::Write::write_all(&mut pipe, &json)
         })
         .await;
         if !matches!(written, Ok(Ok(()))) {
@@ -591,6 +706,27 @@ impl Executor {
     }
 }
 
+/// The helper's command: `program` and `args`, the sandbox's environment plus the
+/// runtime's, and the stage's rlimits.
+fn exec_spec(
+    program: Vec<u8>,
+    args: impl Iterator<Item = String>,
+    sandbox_path: &str,
+    runtime_env: &[(String, String)],
+    ctx: &RunContext<'_>,
+) -> ExecSpec {
+    let bytes = |s: &std::ffi::OsStr| s.as_encoded_bytes().to_vec();
+    ExecSpec {
+        program,
+        args: args.map(String::into_bytes).collect(),
+        env: super::sandbox::sandboxed_env(sandbox_path, runtime_env)
+            .iter()
+            .map(|(k, v)| (bytes(k), bytes(v)))
+            .collect(),
+        rlimits: rlimits(ctx),
+    }
+}
+
 /// Replace `{file}` with the entry file's name and `{stem}` with that name's final
 /// component without its extension.
 fn fill_template(template: &[String], entry: &str) -> Vec<String> {
@@ -600,6 +736,14 @@ fn fill_template(template: &[String], entry: &str) -> Vec<String> {
         .iter()
         .map(|part| part.replace("{file}", entry).replace("{stem}", stem))
         .collect()
+}
+
+/// Whether idle sandboxes may keep `runtime` started (see `warm.rs`).
+fn warmable(runtime: &Runtime) -> bool {
+    runtime.warm.is_some()
+        && runtime.compile.is_none()
+        && runtime.backend == BackendKind::Bwrap
+        && runtime.availability.available
 }
 
 #[cfg(test)]

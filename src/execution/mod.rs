@@ -14,6 +14,7 @@ mod runner;
 pub mod sandbox;
 mod slots;
 mod stage_exec;
+mod warm;
 
 use std::sync::Arc;
 

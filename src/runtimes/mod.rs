@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-pub use schema::{CompileEntry, RuntimeEntry, RuntimesFile};
+pub use schema::{CompileEntry, RuntimeEntry, RuntimesFile, WarmKind};
 
 use crate::config::{BackendKind, Settings};
 use crate::execution::Limits;
@@ -61,6 +61,8 @@ pub struct Runtime {
     pub max_limits: Limits,
     pub compile_limits: Limits,
     pub backend: BackendKind,
+    /// Kept started in idle sandboxes (see `execution/warm.rs`).
+    pub warm: Option<WarmKind>,
     pub availability: Availability,
 }
 
@@ -223,6 +225,22 @@ fn validate(
                 ));
             }
         }
+        if entry.warm.is_some() {
+            if entry.compile.is_some() {
+                return Err(entry_error(
+                    name,
+                    "warm",
+                    "only runtimes without a compile stage can be kept warm".into(),
+                ));
+            }
+            if entry.run.iter().filter(|a| *a == "{file}").count() != 1 {
+                return Err(entry_error(
+                    name,
+                    "warm",
+                    "needs `{file}` once, as an argument of its own, in `run`".into(),
+                ));
+            }
+        }
         if let Err(message) = crate::execution::validate_file_name(&entry.file_name) {
             return Err(entry_error(name, "file_name", message));
         }
@@ -270,6 +288,7 @@ fn validate(
             max_limits,
             compile_limits,
             backend: entry.backend.unwrap_or(settings.sandbox.backend),
+            warm: entry.warm,
             availability: Availability {
                 available: true,
                 reason: None,

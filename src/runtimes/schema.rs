@@ -56,6 +56,18 @@ pub struct RuntimeEntry {
     /// Run this runtime under another backend than the server's.
     #[serde(default)]
     pub backend: Option<BackendKind>,
+    /// Keep an interpreter of this runtime started and waiting in idle slots' sandboxes
+    /// (`"python"`: the run command with `{file}` replaced by a small bootstrap). Only for
+    /// runtimes without a compile stage.
+    #[serde(default)]
+    pub warm: Option<WarmKind>,
+}
+
+/// Interpreters that can wait, started, for the program they will run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmKind {
+    Python,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -101,6 +101,7 @@ impl BwrapBackend {
         path: &str,
         ro_binds: &[PathBuf],
         helper: &Path,
+        warm: bool,
     ) -> Result<PreparedCommand, String> {
         // The runner places pass_fds[i] at PASS_FD_BASE + i: the seccomp programs come first.
         let control_fd = PASS_FD_BASE + self.seccomp.len() as i32;
@@ -125,10 +126,19 @@ impl BwrapBackend {
         set_nonblocking(&status)?;
         command.pass_fds.push(control_read);
         command.pass_fds.push(status_write);
+        // A warm interpreter waits on a third pipe, at the next number.
+        let warm = if warm {
+            let (read, write) = crate::execution::child::pipe_pair()?;
+            command.pass_fds.push(read);
+            Some((write, status_fd + 1))
+        } else {
+            None
+        };
         Ok(PreparedCommand {
             command,
             control,
             status,
+            warm,
         })
     }
 }
@@ -140,6 +150,9 @@ pub(crate) struct PreparedCommand {
     pub(crate) control: OwnedFd,
     /// The stage's raw wait status arrives here (non-blocking; empty if it was killed).
     pub(crate) status: OwnedFd,
+    /// For a warm interpreter: where to write its request, and the number it reads it from
+    /// inside the sandbox.
+    pub(crate) warm: Option<(OwnedFd, std::ffi::c_int)>,
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> Result<(), String> {
