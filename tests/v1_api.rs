@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{app_for_tests, app_with, bounded, installed, test_settings};
+use common::{TestApp, app_for_tests, app_with, bounded, installed, test_settings};
 use serde_json::{Value, json};
 
 struct Lang {
@@ -576,18 +576,29 @@ async fn a_warm_python_behaves_like_a_cold_one() {
     .await;
 }
 
+/// An app serving `toml` from a temp file it re-reads every 50 ms once its reloader runs;
+/// keep the returned dir alive for the test.
+async fn watching_app(
+    toml: &str,
+    max_concurrent: Option<usize>,
+) -> (TestApp, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("runtimes.toml");
+    std::fs::write(&file, toml).expect("write");
+    let mut s = test_settings();
+    s.runtimes.file = file.clone();
+    s.runtimes.watch = true;
+    s.runtimes.watch_interval_ms = 50;
+    if let Some(n) = max_concurrent {
+        s.execution.max_concurrent = n;
+    }
+    (app_with(s).await, dir, file)
+}
+
 #[tokio::test]
 async fn a_reload_retires_warm_interpreters_of_the_old_definition() {
     bounded(90, async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("runtimes.toml");
-        std::fs::write(&file, runtimes_with("")).expect("write");
-        let mut s = test_settings();
-        s.runtimes.file = file.clone();
-        s.runtimes.watch = true;
-        s.runtimes.watch_interval_ms = 50;
-        s.execution.max_concurrent = 1;
-        let t = app_with(s).await;
+        let (t, _dir, file) = watching_app(&runtimes_with(""), Some(1)).await;
         let _watcher = t.app.spawn_reloader();
         let mark = json!({"code": "import os\nprint(os.environ.get('MDE_MARK'))"});
         assert_eq!(t.execute(mark.clone()).await["run"]["stdout"], "None\n");
@@ -620,14 +631,7 @@ async fn a_reload_retires_warm_interpreters_of_the_old_definition() {
 #[tokio::test]
 async fn runtimes_toml_is_hot_reloaded_and_bad_edits_are_rejected() {
     bounded(90, async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("runtimes.toml");
-        std::fs::write(&file, runtimes_with("")).expect("write");
-        let mut s = test_settings();
-        s.runtimes.file = file.clone();
-        s.runtimes.watch = true;
-        s.runtimes.watch_interval_ms = 50;
-        let t = app_with(s).await;
+        let (t, _dir, file) = watching_app(&runtimes_with(""), None).await;
         let _watcher = t.app.spawn_reloader();
 
         // An execution in flight keeps the definitions it started with.
