@@ -347,6 +347,32 @@ async fn the_daemon_cannot_be_killed_or_traced() {
 }
 
 #[tokio::test]
+async fn a_planted_module_cannot_stop_a_warm_interpreter_lowering_its_limits() {
+    bounded(60, async {
+        let mut s = test_settings();
+        s.execution.max_concurrent = 1;
+        let t = app_with(s).await;
+        // The attack waits in the queue, so its files are written the moment the slot is
+        // free: while the slot's next interpreter is still starting in the work dir.
+        let fake = "def setrlimit(*args):\n    pass\n";
+        let count_fds = "import os\nn = 0\ntry:\n    while True:\n        os.open('/dev/null', os.O_RDONLY); n += 1\nexcept OSError:\n    print(n)";
+        let attack = json!({"runtime": "python3", "limits": {"open_files": 32},
+                            "files": [{"name": "main.py", "content": count_fds},
+                                      {"name": "resource.py", "content": fake}]});
+        let (_, r) = tokio::join!(t.execute(json!({"code": "print(1)"})), async {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            t.execute(attack).await
+        });
+        let opened: u64 = r["run"]["stdout"]
+            .as_str()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(u64::MAX);
+        assert!(opened < 32, "the open-files limit held: {r}");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn the_in_sandbox_helper_cannot_be_hijacked() {
     bounded(60, async {
         let t = app_with(test_settings()).await;

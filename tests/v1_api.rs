@@ -557,7 +557,8 @@ async fn a_warm_python_behaves_like_a_cold_one() {
         let programs = [
             "def f():\n    raise ValueError('boom')\nf()",
             "print(\n",
-            "import sys\nprint(sys.argv, __name__, __file__, sys.path[0], sys.flags.dont_write_bytecode,\n      [m for m in ('json', 'types', 'resource') if m in sys.modules])",
+            "import sys\nprint(sys.argv, __name__, __file__, sys.path[:2], sys.flags.dont_write_bytecode,\n      [m for m in ('json', 'types', 'resource') if m in sys.modules])",
+            "print(type(__builtins__).__name__, type(__loader__).__name__, __spec__, __doc__)",
             "print(input()[::-1])",
             "import sys\nprint('out'); sys.exit(3)",
             "import os\nos.kill(os.getpid(), 9)",
@@ -565,7 +566,10 @@ async fn a_warm_python_behaves_like_a_cold_one() {
             "import pickle\nclass P: pass\nprint(len(pickle.dumps(P())) > 0, P.__module__)",
         ];
         for code in programs {
-            // Python first, so its slot's next sandbox is warm again for the next program.
+            // After pycold the one slot's sandbox is plain: a python3 run makes the next one
+            // warm (the check proves it), and so the one after, the program under test.
+            run("python3", "pass", json!([]), "").await;
+            assert_eq!(run("python3", argv3, json!([]), "").await["stdout"], "-c\n");
             let warm = run("python3", code, json!(["a1"]), "abc\n").await;
             let cold = run("pycold", code, json!(["a1"]), "abc\n").await;
             for key in ["stdout", "stderr", "exit_code", "signal", "status"] {

@@ -267,6 +267,14 @@ impl MemoryCgroup {
         Ok(self.oom_kills())
     }
 
+    /// Memory the cgroup holds now.
+    pub(crate) fn usage_bytes(&self) -> Option<u64> {
+        match self.version {
+            CgroupVersion::V1 => read_u64(&self.dir.join("memory.usage_in_bytes")),
+            CgroupVersion::V2 => read_u64(&self.dir.join("memory.current")),
+        }
+    }
+
     /// Peak memory since `prepare`.
     pub(crate) fn peak_bytes(&self) -> Option<u64> {
         match self.version {

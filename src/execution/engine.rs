@@ -76,6 +76,10 @@ impl PreparedSandbox {
         self.spawned.discard(cgroup).await;
     }
 
+    fn is_warm(&self) -> bool {
+        matches!(self.waiting, Waiting::Warm { .. })
+    }
+
     fn suits(&mut self, runtime: &Arc<Runtime>) -> bool {
         let waits_for_it = match &self.waiting {
             Waiting::Command(_) => true,
@@ -258,10 +262,10 @@ impl Executor {
                 this.observer.finished(&runtime, &report, started.elapsed());
             }
             let _ = tx.send(report);
-            if warmable(&request.runtime) {
-                if let Some(Ok(mut warm)) = this.warm_for.get(lease.index).map(|m| m.lock()) {
-                    *warm = Some(Arc::clone(&request.runtime));
-                }
+            // The slot's next sandbox suits what it just ran: warm for a warm runtime,
+            // plain (any runtime's command) otherwise.
+            if let Some(Ok(mut warm)) = this.warm_for.get(lease.index).map(|m| m.lock()) {
+                *warm = warmable(&request.runtime).then(|| Arc::clone(&request.runtime));
             }
             this.settle_slot(lease.index).await;
             this.slots.clear(lease.index);
@@ -385,31 +389,54 @@ impl Executor {
             status_pipe: None,
             launcher: slot.launcher(),
         };
-        let waiting = match (warm, prepared.warm) {
-            (Some(runtime), Some((request, fd))) => {
-                self.start_warm(&runtime, slot, prepared.control, fd)?;
-                Waiting::Warm { runtime, request }
-            }
-            _ => Waiting::Command(prepared.control),
+        // The warm interpreter's command, ready before the sandbox starts; if it cannot be
+        // made, the sandbox waits for any command instead.
+        let warm = match (warm, prepared.warm) {
+            (Some(runtime), Some((request, fd))) => match self.warm_spec(&runtime, slot, fd) {
+                Ok(json) => Some((runtime, request, json)),
+                Err(e) => {
+                    tracing::warn!(runtime = %runtime.name, error = %e, "cannot warm");
+                    None
+                }
+            },
+            _ => None,
         };
         let spawned = start_stage(prepared.command, &ctx).await?;
-        Ok(PreparedSandbox {
+        let Some((runtime, request, json)) = warm else {
+            return Ok(PreparedSandbox {
+                spawned,
+                waiting: Waiting::Command(prepared.control),
+                status: prepared.status,
+                binds,
+            });
+        };
+        // Written once the helper runs (a pipe holds only so much before it is read).
+        let control = prepared.control;
+        let written = tokio::task::spawn_blocking(move || {
+            std::io::Write::write_all(&mut std::fs::File::from(control), &json)
+        })
+        .await;
+        let sandbox = PreparedSandbox {
             spawned,
-            waiting,
+            waiting: Waiting::Warm { runtime, request },
             status: prepared.status,
             binds,
-        })
+        };
+        if !matches!(written, Ok(Ok(()))) {
+            sandbox.discard(slot.cgroup.as_ref()).await;
+            return Err("the prepared sandbox did not take the warm command".into());
+        }
+        Ok(sandbox)
     }
 
-    /// Hand the helper the command that starts `runtime`'s interpreter waiting on `fd`,
-    /// under the runtime's maximum limits (the interpreter lowers them per request).
-    fn start_warm(
+    /// The helper's command that starts `runtime`'s interpreter waiting on `fd`, under the
+    /// runtime's maximum limits (the interpreter lowers them per request).
+    fn warm_spec(
         &self,
         runtime: &Runtime,
         slot: &Slot,
-        control: OwnedFd,
         fd: std::ffi::c_int,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<u8>, String> {
         let kind = runtime.warm.ok_or("not a warm runtime")?;
         let mut argv = warm_command(kind, &runtime.run, fd).into_iter();
         let program = argv.next().unwrap_or_default();
@@ -435,10 +462,7 @@ impl Executor {
             &runtime.env,
             &ctx,
         );
-        let json = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
-        // Small enough for the pipe's buffer: this write does not wait for the helper.
-        std::io::Write::write_all(&mut std::fs::File::from(control), &json)
-            .map_err(|e| format!("starting the warm interpreter: {e}"))
+        serde_json::to_vec(&spec).map_err(|e| e.to_string())
     }
 
     /// End a prepared sandbox that will not be used, and wait for it, so the slot's
@@ -584,6 +608,17 @@ impl Executor {
         }
         let mut prepared = prepared;
         if let Some(cg) = &slot.cgroup {
+            // A waiting interpreter already holds memory. Below a quarter of the stage's limit
+            // it is kept; above, it goes first (cgroup v2 would OOM-kill it on the spot,
+            // uncounted, instead of refusing the lower limit as v1 does).
+            let heavy = cg
+                .usage_bytes()
+                .is_none_or(|used| used > limits.memory_bytes / 4);
+            if heavy && prepared.as_ref().is_some_and(PreparedSandbox::is_warm) {
+                if let Some(p) = prepared.take() {
+                    p.discard(Some(cg)).await;
+                }
+            }
             if let Err(e) = cg.prepare(limits.memory_bytes) {
                 // A warm interpreter may already use more than a very low limit: without
                 // it the limit can be set, and the stage starts cold.

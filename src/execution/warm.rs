@@ -70,9 +70,14 @@ pub(crate) fn warm_command(kind: WarmKind, run: &[String], fd: RawFd) -> Vec<Str
     argv
 }
 
-/// Runs as `python3 [flags] -c BOOTSTRAP FD`. Everything it defines is deleted before the
-/// program runs, except the excepthook wrapper that hides the bootstrap's frame.
+/// Runs as `python3 [flags] -c BOOTSTRAP FD`. Its first act drops `sys.path[0]` (under
+/// `-c` that is the work dir, where the submission's files may already be written while the
+/// interpreter starts: a planted `resource.py` must never be what lowers the limits).
+/// Afterwards only the excepthook wrapper that hides the bootstrap's frame is visible to
+/// the program.
 const PYTHON_BOOTSTRAP: &str = r#"import sys
+if sys.path and sys.path[0] == '':
+    del sys.path[0]
 def _mde_take():
     before = set(sys.modules)
     import os, resource
@@ -90,10 +95,14 @@ def _mde_take():
     with open(path, 'rb') as f:
         source = f.read()
     sys.argv = argv
-    sys.path[0] = os.path.dirname(path)
+    sys.path.insert(0, os.path.dirname(path))
     main = type(sys)('__main__')
     main.__file__ = path
     main.__cached__ = None
+    main.__builtins__ = sys.modules['builtins']
+    external = sys.modules.get('_frozen_importlib_external')
+    if external is not None:
+        main.__loader__ = external.SourceFileLoader('__main__', path)
     sys.modules['__main__'] = main
     default_hook = sys.excepthook
     def hook(kind, value, tb):

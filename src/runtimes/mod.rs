@@ -233,11 +233,13 @@ fn validate(
                     "only runtimes without a compile stage can be kept warm".into(),
                 ));
             }
-            if entry.run.iter().filter(|a| *a == "{file}").count() != 1 {
+            let file_args = entry.run.iter().filter(|a| *a == "{file}").count();
+            if file_args != 1 || entry.run.first().is_some_and(|a| a == "{file}") {
                 return Err(entry_error(
                     name,
                     "warm",
-                    "needs `{file}` once, as an argument of its own, in `run`".into(),
+                    "needs `{file}` once, as an argument of its own (not the command), in `run`"
+                        .into(),
                 ));
             }
         }
