@@ -98,8 +98,8 @@ pub struct Executor {
     prepared: Vec<Mutex<Option<PreparedSandbox>>>,
     /// Every runtime bind seen so far, so later prepared sandboxes suit those runtimes too.
     prepared_binds: Mutex<Vec<PathBuf>>,
-    /// Per slot: the warm runtime its prepared sandboxes start (the default one at first,
-    /// then the warm runtime the slot last ran).
+    /// Per slot: the warm runtime its next prepared sandbox starts: the default one at
+    /// first, then the runtime the slot last ran if that is warm, else none (plain).
     warm_for: Vec<Mutex<Option<Arc<Runtime>>>>,
     /// The binary bound into prepared sandboxes as the stage-exec helper; `None` disables them.
     helper: Option<PathBuf>,
@@ -263,9 +263,12 @@ impl Executor {
             }
             let _ = tx.send(report);
             // The slot's next sandbox suits what it just ran: warm for a warm runtime,
-            // plain (any runtime's command) otherwise.
-            if let Some(Ok(mut warm)) = this.warm_for.get(lease.index).map(|m| m.lock()) {
-                *warm = warmable(&request.runtime).then(|| Arc::clone(&request.runtime));
+            // plain (any runtime's command) otherwise. The start-up self-test (not
+            // observed) leaves the slot as it was.
+            if observe {
+                if let Some(Ok(mut warm)) = this.warm_for.get(lease.index).map(|m| m.lock()) {
+                    *warm = warmable(&request.runtime).then(|| Arc::clone(&request.runtime));
+                }
             }
             this.settle_slot(lease.index).await;
             this.slots.clear(lease.index);
