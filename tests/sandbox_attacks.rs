@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{TestApp, app_with, assert_no_process_with, bounded, installed, test_settings};
+use common::{
+    TestApp, app_with, assert_no_process_with, bounded, installed_or_skip, test_settings,
+};
 use serde_json::{Value, json};
 
 /// Run python `code` through /api/v1/execute with `limits`; returns the run stage.
@@ -59,12 +61,10 @@ async fn process_limit_is_enforced() {
             // processes of an earlier run on the same uid are still being reaped.)
             assert!((1..=9).contains(&n), "a limit of 10 processes: forked {n}");
         }
-        if installed("gcc") {
+        if installed_or_skip("gcc", "the C part") {
             let t = app_with(test_settings()).await;
             let n = forks_until_refused(&t, "c", C_FORKER, 10).await;
             assert!((1..=9).contains(&n), "a limit of 10 processes: forked {n}");
-        } else {
-            println!("SKIPPED: the C part (gcc is not installed)");
         }
     })
     .await;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestApp, app_for_tests, app_with, bounded, installed, test_settings};
+use common::{TestApp, app_for_tests, app_with, bounded, installed_or_skip, test_settings};
 use serde_json::{Value, json};
 
 struct Lang {
@@ -105,11 +105,7 @@ const LANGS: &[Lang] = &[
 
 async fn check_language(name: &str) {
     let lang = LANGS.iter().find(|l| l.runtime == name).expect("listed");
-    if !installed(lang.tool) {
-        println!(
-            "SKIPPED: the {} toolchain (`{}`) is not installed",
-            lang.runtime, lang.tool
-        );
+    if !installed_or_skip(lang.tool, &format!("the {} toolchain", lang.runtime)) {
         return;
     }
     let t = app_for_tests().await;
@@ -261,14 +257,12 @@ async fn exit_codes_above_128_are_not_mistaken_for_signals() {
         let r = t.submit("import sys\nsys.exit(137)", None).await;
         assert_eq!(r["return_code"], 137, "{r}");
         // A compiled program's run stage starts its own sandbox after the compile one.
-        if installed("gcc") {
+        if installed_or_skip("gcc", "the C part") {
             let r = t
                 .execute(json!({"runtime": "c", "code": "int main(void) { return 130; }"}))
                 .await;
             assert_eq!(r["run"]["exit_code"], 130, "{r}");
             assert!(r["run"]["signal"].is_null(), "{r}");
-        } else {
-            println!("SKIPPED: the C part (gcc is not installed)");
         }
     })
     .await;

@@ -66,13 +66,7 @@ pub(crate) unsafe fn prepare_child(
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         );
-        for l in rlimits {
-            let rl = libc::rlimit {
-                rlim_cur: l.soft,
-                rlim_max: l.hard,
-            };
-            check(libc::setrlimit(l.resource, &rl))?;
-        }
+        apply_rlimits(rlimits)?;
         if let Some(uid) = uid {
             check(libc::setgroups(0, std::ptr::null()))?;
             check(libc::setgid(uid))?;
@@ -82,6 +76,19 @@ pub(crate) unsafe fn prepare_child(
         // Set after setuid, which clears it.
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
         reset_signals();
+    }
+    Ok(())
+}
+
+/// Set each of `rlimits` on this process (setrlimit only: no allocation).
+pub(crate) fn apply_rlimits(rlimits: &[Rlimit]) -> std::io::Result<()> {
+    for l in rlimits {
+        let rl = libc::rlimit {
+            rlim_cur: l.soft,
+            rlim_max: l.hard,
+        };
+        // SAFETY: setrlimit with a valid struct.
+        check(unsafe { libc::setrlimit(l.resource, &rl) })?;
     }
     Ok(())
 }

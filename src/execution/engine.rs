@@ -404,30 +404,31 @@ impl Executor {
             },
             _ => None,
         };
+        if let (Some((runtime, ..)), Some(cg)) = (&warm, &slot.cgroup) {
+            // Room for the interpreter to start in, whatever the last run's limit was; the
+            // stage's own limit is set when it is handed over.
+            cg.prepare(runtime.max_limits.memory_bytes)?;
+        }
         let spawned = start_stage(prepared.command, &ctx).await?;
-        let Some((runtime, request, json)) = warm else {
-            return Ok(PreparedSandbox {
-                spawned,
-                waiting: Waiting::Command(prepared.control),
-                status: prepared.status,
-                binds,
-            });
+        let (waiting, warm_command) = match warm {
+            Some((runtime, request, json)) => (
+                Waiting::Warm { runtime, request },
+                Some((prepared.control, json)),
+            ),
+            None => (Waiting::Command(prepared.control), None),
         };
-        // Written once the helper runs (a pipe holds only so much before it is read).
-        let control = prepared.control;
-        let written = tokio::task::spawn_blocking(move || {
-            std::io::Write::write_all(&mut std::fs::File::from(control), &json)
-        })
-        .await;
         let sandbox = PreparedSandbox {
             spawned,
-            waiting: Waiting::Warm { runtime, request },
+            waiting,
             status: prepared.status,
             binds,
         };
-        if !matches!(written, Ok(Ok(()))) {
-            sandbox.discard(slot.cgroup.as_ref()).await;
-            return Err("the prepared sandbox did not take the warm command".into());
+        // Written once the helper runs (a pipe holds only so much before it is read).
+        if let Some((control, json)) = warm_command {
+            if !hand_over(control, json).await {
+                sandbox.discard(slot.cgroup.as_ref()).await;
+                return Err("the prepared sandbox did not take the warm command".into());
+            }
         }
         Ok(sandbox)
     }
@@ -445,9 +446,6 @@ impl Executor {
         let program = argv.next().unwrap_or_default();
         let program = resolve_command(&program, &self.sandbox_path)
             .ok_or_else(|| format!("command `{program}` is not installed"))?;
-        if let Some(cg) = &slot.cgroup {
-            cg.prepare(runtime.max_limits.memory_bytes)?;
-        }
         let ctx = RunContext {
             uid: slot.uid,
             cgroup: slot.cgroup.as_ref(),
@@ -612,29 +610,22 @@ impl Executor {
         let mut prepared = prepared;
         if let Some(cg) = &slot.cgroup {
             // A waiting interpreter already holds memory. Below a quarter of the stage's limit
-            // it is kept; above, it goes first (cgroup v2 would OOM-kill it on the spot,
-            // uncounted, instead of refusing the lower limit as v1 does).
-            let heavy = cg
-                .usage_bytes()
-                .is_none_or(|used| used > limits.memory_bytes / 4);
-            if heavy && prepared.as_ref().is_some_and(PreparedSandbox::is_warm) {
+            // it is kept; above, it goes first and the stage starts cold (lowering the limit
+            // under its usage would fail on cgroup v1 and OOM-kill it, uncounted, on v2).
+            if prepared.as_ref().is_some_and(PreparedSandbox::is_warm)
+                && cg
+                    .usage_bytes()
+                    .is_none_or(|used| used > limits.memory_bytes / 4)
+            {
                 if let Some(p) = prepared.take() {
                     p.discard(Some(cg)).await;
                 }
             }
             if let Err(e) = cg.prepare(limits.memory_bytes) {
-                // A warm interpreter may already use more than a very low limit: without
-                // it the limit can be set, and the stage starts cold.
-                let retried = match prepared.take() {
-                    Some(p) => {
-                        p.discard(Some(cg)).await;
-                        cg.prepare(limits.memory_bytes).is_ok()
-                    }
-                    None => false,
-                };
-                if !retried {
-                    return StageReport::internal(e, limits);
+                if let Some(p) = prepared.take() {
+                    p.discard(Some(cg)).await;
                 }
+                return StageReport::internal(e, limits);
             }
         }
         let is_bwrap = backend.kind() == BackendKind::Bwrap;
@@ -726,14 +717,7 @@ impl Executor {
             Err(e) => return StageReport::internal(e.to_string(), ctx.limits),
         };
         let start = StageStart::now(ctx);
-        let pipe = std::fs::File::from(pipe);
-        // A large command may not fit the pipe at once; the reader reads while we write.
-        let written = tokio::task::spawn_blocking(move || {
-            let mut pipe = pipe;
-            std::io::Write::write_all(&mut pipe, &json)
-        })
-        .await;
-        if !matches!(written, Ok(Ok(()))) {
+        if !hand_over(pipe, json).await {
             prepared.spawned.discard(ctx.cgroup).await;
             return StageReport::internal(
                 "the prepared sandbox did not take the command",
@@ -742,6 +726,16 @@ impl Executor {
         }
         supervise(prepared.spawned, ctx, start).await
     }
+}
+
+/// Write `bytes` to what waits in a prepared sandbox, in a blocking task: a large command
+/// may not fit the pipe at once, and the reader reads while we write. False if it failed.
+async fn hand_over(pipe: OwnedFd, bytes: Vec<u8>) -> bool {
+    let written = tokio::task::spawn_blocking(move || {
+        std::io::Write::write_all(&mut std::fs::File::from(pipe), &bytes)
+    })
+    .await;
+    matches!(written, Ok(Ok(())))
 }
 
 /// The helper's command: `program` and `args`, the sandbox's environment plus the

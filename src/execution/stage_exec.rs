@@ -62,7 +62,7 @@ pub fn stage_exec_main(control_arg: Option<String>, status_arg: Option<String>) 
         Ok(s) => s,
         Err(e) => fail(&format!("bad command: {e}")),
     };
-    let exec = Prepared::new(&spec);
+    let exec = ChildCommand::new(&spec);
     // Before the fork, so the stage (same uid) never sees us dumpable: no window in which
     // it could open our descriptors or memory through /proc. Its own exec makes it
     // dumpable again.
@@ -114,14 +114,14 @@ fn wait_for(child: libc::pid_t) -> c_int {
 }
 
 /// The command as C strings, built before the fork so the child only applies and execs.
-struct Prepared {
+struct ChildCommand {
     program: CString,
     argv: Vec<CString>,
     envp: Vec<CString>,
 }
 
-impl Prepared {
-    fn new(spec: &ExecSpec) -> Prepared {
+impl ChildCommand {
+    fn new(spec: &ExecSpec) -> ChildCommand {
         let cstr = |b: &[u8]| CString::new(b).unwrap_or_else(|_| fail("NUL byte in the command"));
         let program = cstr(&spec.program);
         let argv = std::iter::once(program.clone())
@@ -132,7 +132,7 @@ impl Prepared {
             .iter()
             .map(|(k, v)| cstr(&[k.as_slice(), b"=", v.as_slice()].concat()))
             .collect();
-        Prepared {
+        ChildCommand {
             program,
             argv,
             envp,
@@ -143,15 +143,8 @@ impl Prepared {
     fn run(&self, spec: &ExecSpec) -> ! {
         // SAFETY: we are the forked child, about to exec.
         unsafe { super::child::reset_signals() };
-        for l in &spec.rlimits {
-            let rl = libc::rlimit {
-                rlim_cur: l.soft,
-                rlim_max: l.hard,
-            };
-            // SAFETY: setrlimit with a valid struct.
-            if unsafe { libc::setrlimit(l.resource, &rl) } != 0 {
-                fail(&format!("setrlimit: {}", std::io::Error::last_os_error()));
-            }
+        if let Err(e) = super::child::apply_rlimits(&spec.rlimits) {
+            fail(&format!("setrlimit: {e}"));
         }
         let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
             v.iter()

@@ -156,6 +156,15 @@ pub fn installed(program: &str) -> bool {
         .any(|d| std::path::Path::new(d).join(program).exists())
 }
 
+/// Whether `program` is installed; if not, say which part of the test is skipped.
+pub fn installed_or_skip(program: &str, part: &str) -> bool {
+    let found = installed(program);
+    if !found {
+        println!("SKIPPED: {part} (`{program}` is not installed)");
+    }
+    found
+}
+
 /// Stop a child the way an operator would (SIGTERM), so it cleans up; SIGKILL after 20 s.
 pub fn stop_gracefully(child: &mut std::process::Child) {
     // SAFETY: kill(2) on our own child.
