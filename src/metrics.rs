@@ -58,6 +58,7 @@ pub struct Metrics {
     queue_wait: Histogram,
     in_flight: IntGauge,
     queue_depth: IntGauge,
+    slots_out_of_service: IntGauge,
     output_bytes: HistogramVec,
     peak_memory: HistogramVec,
     rejected: IntCounterVec,
@@ -109,6 +110,10 @@ impl Metrics {
         )?;
         let in_flight = IntGauge::new("mde_executions_in_flight", "Executions running now")?;
         let queue_depth = IntGauge::new("mde_queue_depth", "Submissions waiting for a slot")?;
+        let slots_out_of_service = IntGauge::new(
+            "mde_slots_out_of_service",
+            "Slots taken out of service because they could not be cleaned after a run",
+        )?;
         let capacity = IntGauge::new("mde_capacity_slots", "Executions that may run at once")?;
         let queue_capacity =
             IntGauge::new("mde_queue_capacity", "Submissions that may wait for a slot")?;
@@ -179,6 +184,7 @@ impl Metrics {
         registry.register(Box::new(queue_wait.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(slots_out_of_service.clone()))?;
         registry.register(Box::new(capacity))?;
         registry.register(Box::new(queue_capacity))?;
         registry.register(Box::new(output_bytes.clone()))?;
@@ -200,6 +206,7 @@ impl Metrics {
             queue_wait,
             in_flight,
             queue_depth,
+            slots_out_of_service,
             output_bytes,
             peak_memory,
             rejected,
@@ -235,15 +242,24 @@ impl Metrics {
 
     /// The text exposition of every metric. The gauges of running and waiting executions
     /// are read from the executor at scrape time, so they can never drift.
-    pub fn render(&self, in_flight: usize, waiting: usize) -> Result<String, String> {
-        self.in_flight.set(in_flight as i64);
-        self.queue_depth.set(waiting as i64);
+    pub fn render(&self, load: Load) -> Result<String, String> {
+        self.in_flight.set(load.running as i64);
+        self.queue_depth.set(load.waiting as i64);
+        self.slots_out_of_service.set(load.out_of_service as i64);
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
             .map_err(|e| e.to_string())?;
         String::from_utf8(buf).map_err(|e| e.to_string())
     }
+}
+
+/// The executor's load at scrape time.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub running: usize,
+    pub waiting: usize,
+    pub out_of_service: usize,
 }
 
 impl ExecutionObserver for Metrics {

@@ -393,10 +393,16 @@ async fn the_in_sandbox_helper_cannot_be_hijacked() {
             "parent __stage-exec\nfd denied\nmem denied\nenviron denied\n",
             "{run}"
         );
-        // Killing the helper ends this run (the sandbox goes with it), nothing else.
-        let code = "import os\nos.kill(os.getppid(), 9)\nos.execv('/usr/bin/sleep', ['sleep', '3131.5'])";
+        // The helper is the sandbox's pid 1: a signal from inside cannot kill it (the
+        // kernel drops it), so the run goes on and still gets its exact status.
+        let code = "import os, time\nos.kill(os.getppid(), 9)\ntime.sleep(0.2)\nos.kill(1, 0)\nprint('pid 1 survived', os.getppid(), flush=True)\nos.execv('/usr/bin/sleep', ['sleep', '0.1'])";
         let run = run_py(&t, code, json!({"wall_time_ms": 20000})).await;
-        assert_eq!(run["status"], "runtime_error", "{run}");
+        assert_eq!(run["status"], "ok", "{run}");
+        assert_eq!(run["stdout"], "pid 1 survived 1\n", "{run}");
+        // A run that cannot end on its own still ends at its limit, with nothing left.
+        let code = "import os\nos.kill(os.getppid(), 9)\nos.execv('/usr/bin/sleep', ['sleep', '3131.5'])";
+        let run = run_py(&t, code, json!({"wall_time_ms": 2000})).await;
+        assert_eq!(run["status"], "timeout", "{run}");
         assert!(
             run["wall_time_ms"].as_u64().unwrap_or(u64::MAX) < 10_000,
             "the run ends with its sandbox: {run}"

@@ -85,7 +85,10 @@ impl From<ExecuteError> for ApiError {
             ExecuteError::Busy(b) => ApiError::Busy(ErrorBody::new("busy", b.to_string())),
             ExecuteError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
-                ApiError::Internal(ErrorBody::new("internal_error", m))
+                ApiError::Internal(ErrorBody::new(
+                    "internal_error",
+                    crate::execution::without_host_paths(&m),
+                ))
             }
         }
     }

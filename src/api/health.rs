@@ -57,6 +57,9 @@ pub struct Readiness {
     pub ready: bool,
     /// Executions that can run at once.
     pub slots: u64,
+    /// Slots taken out of service because they could not be cleaned after a run (each
+    /// lowers capacity by one; all of them out of service makes the daemon not ready).
+    pub slots_out_of_service: u64,
     /// Executions running now.
     pub running: u64,
     /// Submissions waiting for a slot.
@@ -77,6 +80,7 @@ impl poem_openapi::types::Example for Readiness {
         Readiness {
             ready: true,
             slots: 2,
+            slots_out_of_service: 0,
             running: 1,
             waiting: 0,
             queue_capacity: 64,
@@ -92,7 +96,7 @@ pub enum ReadyResponse {
     /// Ready to run submissions.
     #[oai(status = 200)]
     Ready(Json<Readiness>),
-    /// Not ready: the default runtime is unavailable.
+    /// Not ready: the default runtime is unavailable, or every slot is out of service.
     #[oai(status = 503)]
     NotReady(Json<Readiness>),
 }
@@ -125,6 +129,21 @@ impl HealthApi {
         if let crate::execution::MemoryEnforcement::AddressSpace { reason } = &info.memory {
             warnings.push(format!("memory is limited by RLIMIT_AS only ({reason})"));
         }
+        if !info.cpu_fair {
+            warnings.push(
+                "no CPU controller per slot: one run's processes can starve the others".into(),
+            );
+        }
+        if !info.socket_memory_limited {
+            warnings.push("socket buffers are not charged to the runs' memory limit".into());
+        }
+        let out_of_service = state.executor.slots_out_of_service();
+        if out_of_service > 0 {
+            warnings.push(format!(
+                "{out_of_service} of {} slots are out of service: they could not be cleaned after a run (see the log)",
+                info.slots
+            ));
+        }
         let cpu_enforcement = if info.tree_cpu_limit {
             CPU_TREE
         } else {
@@ -149,16 +168,19 @@ impl HealthApi {
 
     /// Readiness
     ///
-    /// 200 when submissions can run, 503 when the default runtime is unavailable. Also shows
+    /// 200 when submissions can run, 503 when the default runtime is unavailable or no slot
+    /// is in service. Also shows
     /// load and whether the latest runtimes.toml reload failed.
     #[oai(path = "/ready", method = "get", tag = "ApiTags::Operations")]
     async fn ready(&self, state: poem::web::Data<&AppState>) -> ReadyResponse {
         let set = state.runtimes.snapshot();
         let info = state.executor.info();
-        let ready = set.resolve(None, None).is_ok();
+        let out_of_service = state.executor.slots_out_of_service();
+        let ready = set.resolve(None, None).is_ok() && out_of_service < info.slots;
         let body = Readiness {
             ready,
             slots: info.slots as u64,
+            slots_out_of_service: out_of_service as u64,
             running: state.executor.running() as u64,
             waiting: state.executor.waiting() as u64,
             queue_capacity: info.queue as u64,

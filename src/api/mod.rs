@@ -152,10 +152,11 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = Response> {
 
 #[handler]
 async fn metrics_endpoint(state: poem::web::Data<&AppState>) -> Response {
-    match state
-        .metrics
-        .render(state.executor.running(), state.executor.waiting())
-    {
+    match state.metrics.render(crate::metrics::Load {
+        running: state.executor.running(),
+        waiting: state.executor.waiting(),
+        out_of_service: state.executor.slots_out_of_service(),
+    }) {
         Ok(text) => text
             .with_content_type("text/plain; version=0.0.4; charset=utf-8")
             .into_response(),

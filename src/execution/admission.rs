@@ -22,6 +22,8 @@ pub(crate) struct Admission {
     /// preparing its next sandbox (and warming its interpreter), so it goes last.
     free: Arc<Mutex<VecDeque<usize>>>,
     waiting: AtomicUsize,
+    /// Slots taken out of service because they could not be cleaned (see `SlotLease::retire`).
+    retired: Arc<AtomicUsize>,
     slots: usize,
     queue: usize,
 }
@@ -30,11 +32,27 @@ pub(crate) struct Admission {
 pub(crate) struct SlotLease {
     pub(crate) index: usize,
     free: Arc<Mutex<VecDeque<usize>>>,
-    _permit: OwnedSemaphorePermit,
+    retired: Arc<AtomicUsize>,
+    /// `None` once retired: the permit is forgotten, so capacity shrinks by one.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl SlotLease {
+    /// Take the slot out of service for good: it is never handed out again, and the
+    /// server's capacity shrinks by one (readiness and metrics report it).
+    pub(crate) fn retire(mut self) {
+        if let Some(permit) = self.permit.take() {
+            permit.forget();
+            self.retired.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Drop for SlotLease {
     fn drop(&mut self) {
+        if self.permit.is_none() {
+            return;
+        }
         match self.free.lock() {
             Ok(mut free) => free.push_back(self.index),
             Err(poisoned) => poisoned.into_inner().push_back(self.index),
@@ -48,13 +66,19 @@ impl Admission {
             semaphore: Arc::new(Semaphore::new(slots)),
             free: Arc::new(Mutex::new((0..slots).collect())),
             waiting: AtomicUsize::new(0),
+            retired: Arc::new(AtomicUsize::new(0)),
             slots,
             queue,
         }
     }
 
     pub(crate) fn running(&self) -> usize {
-        self.slots - self.semaphore.available_permits()
+        (self.slots - self.retired()).saturating_sub(self.semaphore.available_permits())
+    }
+
+    /// Slots out of service (they could not be cleaned after a run).
+    pub(crate) fn retired(&self) -> usize {
+        self.retired.load(Ordering::SeqCst)
     }
 
     pub(crate) fn waiting(&self) -> usize {
@@ -102,7 +126,8 @@ impl Admission {
         Ok(SlotLease {
             index,
             free: Arc::clone(&self.free),
-            _permit: permit,
+            retired: Arc::clone(&self.retired),
+            permit: Some(permit),
         })
     }
 }
@@ -141,5 +166,24 @@ mod tests {
             .expect("admitted after the slot freed");
         assert_eq!(index, 0);
         assert_eq!(admission.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_retired_slot_is_never_handed_out_again() {
+        let admission = Admission::new(2, 0);
+        let first = admission.acquire().await.expect("a free slot");
+        let bad = first.index;
+        first.retire();
+        assert_eq!(admission.retired(), 1);
+        assert_eq!(admission.running(), 0);
+        for _ in 0..3 {
+            let lease = admission.acquire().await.expect("the other slot");
+            assert_ne!(lease.index, bad);
+            assert_eq!(admission.running(), 1);
+            assert!(
+                admission.acquire().await.is_err(),
+                "one slot left, no queue"
+            );
+        }
     }
 }

@@ -19,6 +19,9 @@ pub(crate) struct MemoryCgroup {
     version: CgroupVersion,
     /// v1 keeps CPU accounting in a separate `cpuacct` hierarchy; v2 has it in `dir`.
     cpuacct_dir: Option<PathBuf>,
+    /// v1 only: the slot's group in the `cpu` hierarchy (its CPU share), when that is a
+    /// hierarchy of its own; v2 has the controller in `dir`.
+    cpu_dir: Option<PathBuf>,
 }
 
 /// Where new memory cgroups can be made: under the daemon's own cgroup, so the host's
@@ -29,6 +32,9 @@ pub(crate) struct CgroupRoot {
     pub(crate) version: CgroupVersion,
     /// v1 only: where the per-slot `cpuacct` cgroups go, when that hierarchy is writable.
     pub(crate) cpuacct_dir: Option<PathBuf>,
+    /// v1 only: where the per-slot `cpu` cgroups go (equal shares, so that slots share the
+    /// CPU fairly whatever a run does with sessions: autogroups only count in the root).
+    pub(crate) cpu_dir: Option<PathBuf>,
 }
 
 impl CgroupRoot {
@@ -62,7 +68,10 @@ impl CgroupRoot {
             let own = v1_own_path(&self_cgroup, "memory").unwrap_or("/");
             let parent = v1.join(own.trim_start_matches('/'));
             let mut root = make_root(parent.join(name), CgroupVersion::V1, &parent)?;
-            root.cpuacct_dir = v1_cpuacct_root(&self_cgroup, name);
+            root.cpuacct_dir = v1_controller_root(&self_cgroup, "cpuacct", name);
+            // Mounted together with cpuacct on many hosts (`cpu,cpuacct`): one group then.
+            root.cpu_dir = v1_controller_root(&self_cgroup, "cpu", name)
+                .filter(|cpu| !same_dir(Some(cpu), root.cpuacct_dir.as_ref()));
             return Ok(root);
         }
         Err("no memory cgroup controller is mounted".into())
@@ -74,7 +83,7 @@ impl CgroupRoot {
             return;
         };
         let mut bases = Vec::new();
-        for controller in ["memory", "cpuacct"] {
+        for controller in ["memory", "cpuacct", "cpu"] {
             let own = v1_own_path(&self_cgroup, controller);
             if let Some(own) = own {
                 bases.push(
@@ -96,6 +105,7 @@ impl CgroupRoot {
                     dir: slot.path(),
                     version: CgroupVersion::V1,
                     cpuacct_dir: None,
+                    cpu_dir: None,
                 };
                 cg.remove();
             }
@@ -121,24 +131,42 @@ impl CgroupRoot {
             // Keep runs out of swap so the memory limit means what it says.
             let _ = write_file(&dir.join("memory.swap.max"), "0");
         }
-        let cpuacct_dir = match (&self.cpuacct_dir, self.version) {
-            (_, CgroupVersion::V2) => Some(dir.clone()),
-            (Some(root), CgroupVersion::V1) => {
-                let d = root.join(format!("slot-{index}"));
-                (std::fs::create_dir(&d).is_ok() || d.is_dir()).then_some(d)
-            }
-            (None, CgroupVersion::V1) => None,
+        let sub = |root: &Option<PathBuf>| {
+            let d = root.as_ref()?.join(format!("slot-{index}"));
+            (std::fs::create_dir(&d).is_ok() || d.is_dir()).then_some(d)
         };
-        Ok(MemoryCgroup {
+        let cpuacct_dir = match self.version {
+            CgroupVersion::V2 => Some(dir.clone()),
+            CgroupVersion::V1 => sub(&self.cpuacct_dir),
+        };
+        let cg = MemoryCgroup {
+            cpu_dir: sub(&self.cpu_dir),
             dir,
             version: self.version,
             cpuacct_dir,
-        })
+        };
+        Ok(cg)
+    }
+
+    /// Give the slots' parent group the CPU weight of `slots` ordinary tasks, so that the
+    /// slots together weigh what that many sandboxes outside a group would (best effort).
+    pub(crate) fn weigh_like(&self, slots: usize) {
+        let slots = slots.max(1) as u64;
+        match (self.version, &self.cpu_dir) {
+            (CgroupVersion::V1, Some(dir)) => {
+                let _ = write_file(&dir.join("cpu.shares"), &(1024 * slots).to_string());
+            }
+            (CgroupVersion::V2, _) => {
+                let weight = (100 * slots).min(10_000);
+                let _ = write_file(&self.dir.join("cpu.weight"), &weight.to_string());
+            }
+            (CgroupVersion::V1, None) => {}
+        }
     }
 
     pub(crate) fn remove(&self) {
         let _ = std::fs::remove_dir(&self.dir);
-        if let Some(d) = &self.cpuacct_dir {
+        for d in [&self.cpuacct_dir, &self.cpu_dir].into_iter().flatten() {
             let _ = std::fs::remove_dir(d);
         }
     }
@@ -159,23 +187,45 @@ fn v1_own_path<'a>(self_cgroup: &'a str, controller: &str) -> Option<&'a str> {
     })
 }
 
-/// The v1 `cpuacct` hierarchy beside the memory one, for CPU time of whole process trees
-/// (rusage misses processes that bubblewrap's init never reaps).
-fn v1_cpuacct_root(self_cgroup: &str, name: &str) -> Option<PathBuf> {
-    let own = v1_own_path(self_cgroup, "cpuacct")?;
-    let mount = ["/sys/fs/cgroup/cpuacct", "/sys/fs/cgroup/cpu,cpuacct"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.join("cpuacct.usage").exists())?;
+/// A v1 hierarchy beside the memory one: `cpuacct` for CPU time of whole process trees
+/// (rusage misses processes that are never reaped up the chain), `cpu` for fair shares.
+fn v1_controller_root(self_cgroup: &str, controller: &str, name: &str) -> Option<PathBuf> {
+    let own = v1_own_path(self_cgroup, controller)?;
+    let marker = match controller {
+        "cpu" => "cpu.shares",
+        _ => "cpuacct.usage",
+    };
+    let mount = [
+        format!("/sys/fs/cgroup/{controller}"),
+        "/sys/fs/cgroup/cpu,cpuacct".to_string(),
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.join(marker).exists())?;
     let dir = mount.join(own.trim_start_matches('/')).join(name);
     (std::fs::create_dir(&dir).is_ok() || dir.is_dir()).then_some(dir)
 }
 
+/// Whether two cgroup paths are the same directory (hierarchies mounted together are
+/// reached by several names: `cpu`, `cpuacct` and `cpu,cpuacct`).
+fn same_dir(a: Option<&PathBuf>, b: Option<&PathBuf>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        },
+        _ => false,
+    }
+}
+
 fn make_root(base: PathBuf, version: CgroupVersion, parent: &Path) -> Result<CgroupRoot, String> {
     if version == CgroupVersion::V2 {
-        // Enable the memory controller for children of the base (best effort).
+        // Enable the memory and cpu controllers for children of the base (best effort,
+        // one by one: cpu is often not delegated where memory is).
         let _ = std::fs::create_dir(&base);
-        let _ = write_file(&base.join("cgroup.subtree_control"), "+memory");
+        for controller in ["+memory", "+cpu"] {
+            let _ = write_file(&base.join("cgroup.subtree_control"), controller);
+        }
     } else {
         match std::fs::create_dir(&base) {
             Ok(()) => {}
@@ -198,8 +248,12 @@ fn make_root(base: PathBuf, version: CgroupVersion, parent: &Path) -> Result<Cgr
         dir: base,
         version,
         cpuacct_dir: None,
+        cpu_dir: None,
     })
 }
+
+/// cgroup v1's limit on a cgroup's TCP socket buffers.
+const V1_TCP_LIMIT: &str = "memory.kmem.tcp.limit_in_bytes";
 
 fn write_file(path: &Path, value: &str) -> std::io::Result<()> {
     std::fs::OpenOptions::new()
@@ -218,13 +272,38 @@ impl MemoryCgroup {
         self.dir.join("cgroup.procs")
     }
 
-    /// Every `cgroup.procs` the child must join (memory, and v1's cpuacct).
+    /// Every `cgroup.procs` the child must join (memory, and v1's cpuacct and cpu).
     pub(crate) fn all_procs_paths(&self) -> Vec<PathBuf> {
         let mut paths = vec![self.procs_path()];
-        if let Some(d) = self.cpuacct_dir.as_ref().filter(|d| **d != self.dir) {
-            paths.push(d.join("cgroup.procs"));
+        for d in [&self.cpuacct_dir, &self.cpu_dir].into_iter().flatten() {
+            if *d != self.dir {
+                paths.push(d.join("cgroup.procs"));
+            }
         }
         paths
+    }
+
+    /// Whether the slot has a CPU controller of its own, so slots share the CPU fairly.
+    pub(crate) fn has_cpu_share(&self) -> bool {
+        match self.version {
+            CgroupVersion::V1 => self.cpu_dir.is_some() || self.cpuacct_has_cpu(),
+            CgroupVersion::V2 => self.dir.join("cpu.weight").exists(),
+        }
+    }
+
+    /// v1 `cpu,cpuacct` mounted together: the cpuacct group is the cpu group too.
+    fn cpuacct_has_cpu(&self) -> bool {
+        self.cpuacct_dir
+            .as_ref()
+            .is_some_and(|d| d.join("cpu.shares").exists())
+    }
+
+    /// Whether socket buffers count against the memory limit (v2 always; v1 with a TCP limit).
+    pub(crate) fn limits_socket_memory(&self) -> bool {
+        match self.version {
+            CgroupVersion::V1 => self.dir.join(V1_TCP_LIMIT).exists(),
+            CgroupVersion::V2 => true,
+        }
     }
 
     /// CPU time used by everything that ever ran in the cgroup (compare two readings).
@@ -255,6 +334,21 @@ impl MemoryCgroup {
                 write_file(&self.dir.join("memory.limit_in_bytes"), &limit)
                     .map_err(|e| err("setting memory.limit_in_bytes", e))?;
                 let _ = write_file(&memsw, &limit);
+                // v1 charges socket buffers apart from memory, and only once a TCP limit is
+                // set: without one, 108 loopback connections pinned a gigabyte outside any
+                // limit. Bound them by the run's memory limit too. Lowering it fails (EBUSY)
+                // while the last run's sockets are still being torn down; the previous
+                // limit then stays, which is still a bound.
+                let tcp = self.dir.join(V1_TCP_LIMIT);
+                if let Err(e) = write_file(&tcp, &limit).or_else(|_| {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    write_file(&tcp, &limit)
+                }) {
+                    if tcp.exists() {
+                        tracing::warn!(cgroup = %self.dir.display(), error = %e,
+                            "cannot set the socket memory limit");
+                    }
+                }
                 let _ = write_file(&self.dir.join("memory.max_usage_in_bytes"), "0");
             }
             CgroupVersion::V2 => {

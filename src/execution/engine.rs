@@ -31,6 +31,10 @@ pub struct ExecutorInfo {
     /// CPU time is limited for the whole process tree (cgroup accounting), not only per
     /// process by RLIMIT_CPU.
     pub tree_cpu_limit: bool,
+    /// Each slot has a CPU controller of its own, so slots share the CPU fairly.
+    pub cpu_fair: bool,
+    /// Socket buffers count against each run's memory limit.
+    pub socket_memory_limited: bool,
     pub slots: usize,
     pub queue: usize,
     /// This daemon's work root (slot dirs live below it); removed at shutdown.
@@ -101,8 +105,10 @@ pub struct Executor {
     /// Per slot: the warm runtime its next prepared sandbox starts: the default one at
     /// first, then the runtime the slot last ran if that is warm, else none (plain).
     warm_for: Vec<Mutex<Option<Arc<Runtime>>>>,
-    /// The binary bound into prepared sandboxes as the stage-exec helper; `None` disables them.
+    /// The binary bound into every bubblewrap sandbox as the stage-exec helper (its pid 1).
     helper: Option<PathBuf>,
+    /// Whether idle slots keep a prepared sandbox (`sandbox.prepare_sandboxes`).
+    prepare_idle: bool,
     max_limits: Limits,
     in_flight: std::sync::atomic::AtomicUsize,
     slots: SlotPool,
@@ -140,9 +146,9 @@ impl Executor {
             workdir_bytes,
             use_launcher: sandbox.launcher,
         })?;
-        let helper = match (sandbox.backend, sandbox.prepare_sandboxes) {
-            (BackendKind::Bwrap, true) => launcher_executable(),
-            _ => None,
+        let helper = match sandbox.backend {
+            BackendKind::Bwrap => launcher_executable(),
+            BackendKind::Process => None,
         };
         Ok(Executor {
             admission: Admission::new(count, settings.execution.queue_size),
@@ -150,6 +156,7 @@ impl Executor {
             prepared_binds: Mutex::new(Vec::new()),
             warm_for: (0..count).map(|_| Mutex::new(None)).collect(),
             helper,
+            prepare_idle: sandbox.prepare_sandboxes,
             max_limits: settings.max_limits,
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             slots,
@@ -170,6 +177,8 @@ impl Executor {
             per_slot_uid: self.slots.per_slot_uid,
             sized_workdir: self.slots.sized_workdir,
             tree_cpu_limit: self.slots.tree_cpu_limit,
+            cpu_fair: self.slots.cpu_fair,
+            socket_memory_limited: self.slots.socket_memory_limited,
             slots: self.slots.slots.len(),
             queue: self.queue,
             work_root: self.slots.root.clone(),
@@ -184,6 +193,11 @@ impl Executor {
 
     pub fn waiting(&self) -> usize {
         self.admission.waiting()
+    }
+
+    /// Slots taken out of service because they could not be cleaned after a run.
+    pub fn slots_out_of_service(&self) -> usize {
+        self.admission.retired()
     }
 
     /// Run `/bin/true` through the default backend, so a host where the sandbox cannot work
@@ -271,9 +285,19 @@ impl Executor {
                 }
             }
             this.settle_slot(lease.index).await;
-            this.slots.clear(lease.index);
-            this.prepare_sandbox(lease.index).await;
-            drop(lease);
+            match this.slots.reset(lease.index) {
+                Ok(_) => {
+                    this.prepare_sandbox(lease.index).await;
+                    drop(lease);
+                }
+                Err(e) => {
+                    // Never hand a run the last one's leftovers: the slot goes out of
+                    // service (`/ready`, `/health` and metrics say so).
+                    tracing::error!(slot = lease.index, error = %e,
+                        "cannot clean a slot after a run; taking it out of service");
+                    lease.retire();
+                }
+            }
         });
         rx.await
             .map_err(|_| ExecuteError::Internal("the execution task failed".into()))
@@ -282,7 +306,7 @@ impl Executor {
     /// Give every idle slot a prepared sandbox (at start-up; afterwards each run prepares
     /// its slot's next one), with `default` waiting started in it when it is a warm runtime.
     pub async fn prepare_idle_slots(self: &Arc<Self>, default: Option<Arc<Runtime>>) {
-        if self.helper.is_none() {
+        if self.helper.is_none() || !self.prepare_idle {
             return;
         }
         if let Some(runtime) = default.filter(|r| warmable(r)) {
@@ -332,15 +356,12 @@ impl Executor {
 
     /// Set up a sandbox in slot `index` that waits for its next stage (best effort).
     async fn prepare_sandbox(&self, index: usize) {
-        if self.bwrap.is_none() || self.helper.is_none() {
+        if self.bwrap.is_none() || self.helper.is_none() || !self.prepare_idle {
             return;
         }
-        let slot = match self.slots.make_dirs(index) {
-            Ok(slot) => slot,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot prepare a slot's work dir");
-                return;
-            }
+        // The slot's dirs are fresh: `reset` ran after its last run (or at start-up).
+        let Some(slot) = self.slots.slots.get(index) else {
+            return;
         };
         let binds = self
             .prepared_binds
@@ -386,8 +407,9 @@ impl Executor {
             limits: self.max_limits,
             stdin: &[],
             // Outside the sandbox's user namespace the count under this ceiling holds
-            // bubblewrap's outer process, its init and the helper, besides the stage.
-            backend_processes: 3,
+            // bubblewrap's outer process and the helper (the sandbox's pid 1), besides
+            // the stage.
+            backend_processes: 2,
             exit_code_encodes_signal: true,
             status_pipe: None,
             launcher: slot.launcher(),
@@ -451,7 +473,7 @@ impl Executor {
             cgroup: slot.cgroup.as_ref(),
             limits: runtime.max_limits,
             stdin: &[],
-            backend_processes: 2,
+            backend_processes: 1,
             exit_code_encodes_signal: true,
             status_pipe: None,
             launcher: None,
@@ -560,6 +582,16 @@ impl Executor {
                 };
             }
             compile_report = Some(report);
+            // The tmpfs was sized for the compile: `workdir_bytes` holds for the run too.
+            if let Err(e) = self.slots.resize(slot_index, request.limits.workdir_bytes) {
+                return ExecutionReport {
+                    compile: compile_report,
+                    run: Some(StageReport::internal(
+                        format!("sizing the work dir: {e}"),
+                        request.limits,
+                    )),
+                };
+            }
         }
         let run = self
             .run_one(
@@ -692,10 +724,10 @@ impl Executor {
         runtime_env: &[(String, String)],
         ctx: &RunContext<'_>,
     ) -> StageReport {
-        // Inside the sandbox's user namespace bubblewrap's init and the waiting helper share
-        // the stage's count (the user namespace was made under the looser ceiling above).
+        // Inside the sandbox's user namespace the helper (its pid 1) shares the stage's
+        // count (the user namespace was made under the looser ceiling above).
         let ctx = &RunContext {
-            backend_processes: 2,
+            backend_processes: 1,
             status_pipe: Some(&prepared.status),
             launcher: ctx.launcher.clone(),
             ..*ctx

@@ -23,7 +23,7 @@ pub use engine::{Executor, ExecutorInfo};
 pub use launcher::{LAUNCHER_ARG, launcher_main};
 pub use limits::{LimitExceeded, Limits, LimitsOverride};
 pub use observer::{ExecutionObserver, NoopObserver};
-pub use report::{ExecutionReport, LimitKind, StageReport, StageStatus};
+pub use report::{ExecutionReport, LimitKind, StageReport, StageStatus, without_host_paths};
 pub use slots::MemoryEnforcement;
 pub use stage_exec::{STAGE_EXEC_ARG, stage_exec_main};
 

@@ -83,7 +83,11 @@ pub struct StageReport {
 }
 
 impl StageReport {
+    /// A stage the sandbox failed to run. The detail goes to the log; the report keeps it
+    /// without host paths, since it is sent to clients.
     pub fn internal(message: impl Into<String>, limits: super::Limits) -> Self {
+        let message = message.into();
+        tracing::error!(error = %message, "a stage could not run");
         StageReport {
             status: StageStatus::InternalError,
             stdout: Vec::new(),
@@ -97,9 +101,35 @@ impl StageReport {
             cpu_time: None,
             peak_memory_bytes: None,
             limits,
-            message: Some(message.into()),
+            message: Some(without_host_paths(&message)),
         }
     }
+}
+
+/// `message` with every absolute path replaced by `<path>`: messages that leave the daemon
+/// must not show the host's layout (work root, cgroup paths, where binaries live).
+pub fn without_host_paths(message: &str) -> String {
+    const OPENERS: &[char] = &['`', '\'', '"', '(', '=', '['];
+    const CLOSERS: &[char] = &['`', '\'', '"', ')', ':', ',', ']', ';'];
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars().peekable();
+    let mut at_start = true;
+    while let Some(c) = chars.next() {
+        if c == '/' && at_start {
+            while chars
+                .peek()
+                .is_some_and(|n| !n.is_whitespace() && !CLOSERS.contains(n))
+            {
+                chars.next();
+            }
+            out.push_str("<path>");
+            at_start = false;
+            continue;
+        }
+        at_start = c.is_whitespace() || OPENERS.contains(&c);
+        out.push(c);
+    }
+    out
 }
 
 /// A whole submission: the compile stage when the runtime has one, then the run stage
@@ -139,5 +169,36 @@ impl ExecutionReport {
             .flatten()
             .filter_map(|s| s.peak_memory_bytes)
             .max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_host_paths;
+
+    #[test]
+    fn host_paths_are_left_out_of_client_messages() {
+        let cases = [
+            (
+                "preparing the work dir: creating /tmp/mde-x1/slot-0/box: File exists",
+                "preparing the work dir: creating <path>: File exists",
+            ),
+            (
+                "setting memory.max on /sys/fs/cgroup/mde-1/slot-0: EBUSY",
+                "setting memory.max on <path>: EBUSY",
+            ),
+            (
+                "cannot start `/usr/bin/bwrap`: denied",
+                "cannot start `<path>`: denied",
+            ),
+            (
+                "command `gcc` is not installed",
+                "command `gcc` is not installed",
+            ),
+            ("a/b and 1/2 stay", "a/b and 1/2 stay"),
+        ];
+        for (given, want) in cases {
+            assert_eq!(without_host_paths(given), want);
+        }
     }
 }

@@ -582,7 +582,10 @@ async fn cpu_budget_spent(cgroup: Option<&MemoryCgroup>, before: Option<Duration
     }
 }
 
-/// Read at most `cap` bytes; past that, flag truncation and tell the runner to kill.
+/// Read output while its cost (see [`json_prefix`]) stays within `cap`; past that, flag
+/// truncation and tell the runner to kill. Counting what JSON escaping makes of control
+/// characters and invalid bytes bounds the daemon's memory: 16 MiB of `\x01` would be
+/// 96 MiB of `\u0001` once escaped.
 async fn read_capped(
     rx: Option<pipe::Receiver>,
     cap: usize,
@@ -593,24 +596,59 @@ async fn read_capped(
         return (Vec::new(), false);
     };
     let mut out = Vec::new();
+    let mut cost = 0usize;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         tokio::select! {
             read = rx.read(&mut buf) => match read {
                 Ok(0) | Err(_) => return (out, false),
                 Ok(n) => {
-                    let room = cap.saturating_sub(out.len());
-                    if n > room {
-                        out.extend_from_slice(&buf[..room]);
+                    let (fits, used) = json_prefix(&buf[..n], cap.saturating_sub(cost));
+                    out.extend_from_slice(&buf[..fits]);
+                    cost += used;
+                    if fits < n {
                         overflow.notify_one();
                         return (out, true);
                     }
-                    out.extend_from_slice(&buf[..n]);
                 }
             },
             _ = stop.changed() => return (out, false),
         }
     }
+}
+
+/// The longest prefix of `bytes` whose cost is at most `room`, and that cost. A character
+/// costs its UTF-8 length, except those JSON escaping blows up: a control character that
+/// serde_json writes as `\u00XX` costs 6, an invalid byte 3 (the U+FFFD replacing it in
+/// lossy text; base64, which the v1 API uses for such streams, is less). So `output_bytes`
+/// means raw bytes for ordinary text, and a stream's JSON form is at most twice the cap
+/// (all quotes or newlines, escaped as two characters each). A character split between
+/// two reads counts as invalid bytes: a few bytes of overcount, never undercount.
+pub(crate) fn json_prefix(bytes: &[u8], room: usize) -> (usize, usize) {
+    let mut len = 0;
+    let mut cost = 0;
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            let c_cost = match c {
+                '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 1,
+                c if (c as u32) < 0x20 => 6,
+                c => c.len_utf8(),
+            };
+            if cost + c_cost > room {
+                return (len, cost);
+            }
+            cost += c_cost;
+            len += c.len_utf8();
+        }
+        for _ in chunk.invalid() {
+            if cost + 3 > room {
+                return (len, cost);
+            }
+            cost += 3;
+            len += 1;
+        }
+    }
+    (len, cost)
 }
 
 /// Block until `pid` has exited, leaving it a zombie (WNOWAIT).
@@ -670,6 +708,35 @@ fn decode_status(status: c_int) -> (Option<i32>, Option<i32>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn output_is_measured_as_json() {
+        use super::json_prefix;
+        // (input, room) -> (bytes kept, JSON cost)
+        let cases: &[(&[u8], usize, (usize, usize))] = &[
+            (b"hello", 100, (5, 5)),
+            (b"hello", 3, (3, 3)),
+            (b"\x01\x01", 100, (2, 12)),
+            (b"\x01\x01", 11, (1, 6)),
+            (b"a\nb\"", 100, (4, 4)),
+            ("\u{e9}\u{e9}".as_bytes(), 3, (2, 2)),
+            (b"\xff\xfe", 100, (2, 6)),
+            (b"ok\xff", 4, (2, 2)),
+        ];
+        for &(input, room, want) in cases {
+            let got = json_prefix(input, room);
+            assert_eq!(got, want, "{input:?} in {room}");
+            let kept = String::from_utf8_lossy(&input[..got.0]);
+            let json = serde_json::to_string(&kept).expect("serializes");
+            assert!(json.len() - 2 <= got.1 * 2, "{json} vs {got:?}");
+        }
+        // The bound holds as serde_json writes it: at most twice the cost.
+        let text = "\u{1}x\"\u{1f}\u{e9}\n\\".repeat(1000);
+        let (len, cost) = json_prefix(text.as_bytes(), usize::MAX);
+        assert_eq!(len, text.len());
+        let json = serde_json::to_string(&text).expect("serializes").len() - 2;
+        assert!(json <= 2 * cost && json >= cost, "{json} vs {cost}");
+    }
+
     #[test]
     fn pids_format_without_allocation() {
         let mut buf = [0u8; 16];

@@ -60,6 +60,10 @@ pub(crate) struct SlotPool {
     pub(crate) sized_workdir: bool,
     /// Whether the cgroups account CPU time, so that a whole tree's CPU use is limited.
     pub(crate) tree_cpu_limit: bool,
+    /// Whether every slot has a CPU controller of its own (fair shares between slots).
+    pub(crate) cpu_fair: bool,
+    /// Whether socket buffers count against each run's memory limit.
+    pub(crate) socket_memory_limited: bool,
 }
 
 pub(crate) struct SlotOptions<'a> {
@@ -166,6 +170,8 @@ impl SlotPool {
             per_slot_uid: root_user,
             sized_workdir: root_user && opts.tmpfs_workdir,
             tree_cpu_limit: false,
+            cpu_fair: false,
+            socket_memory_limited: false,
         };
         let mut all_mounted = true;
         let mut next_uid = opts.uid_base;
@@ -187,6 +193,7 @@ impl SlotPool {
                 .create(&dir)
                 .map_err(|e| format!("creating {}: {e}", dir.display()))?;
             let mounted = pool.sized_workdir && mount_tmpfs(&dir, opts.workdir_bytes)?;
+            // `reset` below replaces this first mount (which tells whether we may mount).
             all_mounted &= mounted;
             let cgroup = match &pool.cgroup_root {
                 Some(root) => Some(root.slot(index)?),
@@ -204,13 +211,19 @@ impl SlotPool {
                 mounted_size: AtomicU64::new(opts.workdir_bytes),
                 _uid_lock: lock,
             });
+            pool.reset(index)?;
         }
         // Report what is enforced, not what was asked for: the mount may have been refused.
         pool.sized_workdir = all_mounted;
-        pool.tree_cpu_limit = pool
-            .slots
-            .iter()
-            .all(|s| s.cgroup.as_ref().is_some_and(|cg| cg.cpu_usage().is_some()));
+        let every_slot = |f: fn(&MemoryCgroup) -> bool| {
+            pool.slots.iter().all(|s| s.cgroup.as_ref().is_some_and(f))
+        };
+        pool.tree_cpu_limit = every_slot(|cg| cg.cpu_usage().is_some());
+        pool.cpu_fair = every_slot(MemoryCgroup::has_cpu_share);
+        pool.socket_memory_limited = every_slot(MemoryCgroup::limits_socket_memory);
+        if let Some(root) = &pool.cgroup_root {
+            root.weigh_like(opts.count);
+        }
         Ok(pool)
     }
 
@@ -218,10 +231,11 @@ impl SlotPool {
         self.cgroup_root.as_ref().map(|c| c.dir.clone())
     }
 
-    /// Empty the slot's work dir and /tmp, size them, and write the submission's files.
+    /// Give the slot fresh dirs (see [`SlotPool::reset`]) unless `fresh_dirs` is false,
+    /// size them, and write the submission's files.
     ///
-    /// With `fresh_dirs` false the dirs were made empty by [`SlotPool::make_dirs`] when a
-    /// prepared sandbox was set up on them (which binds them, so they must not be replaced).
+    /// With `fresh_dirs` false the dirs were made fresh after the slot's last run, and a
+    /// prepared sandbox set up on them binds them, so they must not be replaced.
     pub(crate) fn prepare(
         &self,
         index: usize,
@@ -231,13 +245,9 @@ impl SlotPool {
     ) -> Result<&Slot, String> {
         let slot = self.slots.get(index).ok_or("no such slot")?;
         if fresh_dirs {
-            self.make_dirs(index)?;
+            self.reset(index)?;
         }
-        // tmpfs size changes apply to mounts already bound into a sandbox, too.
-        if slot.mounted && slot.mounted_size.load(Ordering::Relaxed) != workdir_bytes {
-            remount_tmpfs(&slot.dir, workdir_bytes)?;
-            slot.mounted_size.store(workdir_bytes, Ordering::Relaxed);
-        }
+        self.resize(index, workdir_bytes)?;
         let box_dir = slot.dir.join("box");
         for file in files {
             write_file(&box_dir, file, slot.uid)?;
@@ -245,10 +255,54 @@ impl SlotPool {
         Ok(slot)
     }
 
-    /// Empty the slot and create its `box/` and `tmp/`, owned by the slot's uid.
-    pub(crate) fn make_dirs(&self, index: usize) -> Result<&Slot, String> {
+    /// Size the slot's tmpfs for the next stage. tmpfs size changes apply to mounts already
+    /// bound into a sandbox, too. A stage never gets more room than `bytes` in all, but
+    /// what an earlier stage left (a compiler's output) stays: the size is then what is
+    /// used already, so the stage can write nothing more.
+    pub(crate) fn resize(&self, index: usize, bytes: u64) -> Result<(), String> {
         let slot = self.slots.get(index).ok_or("no such slot")?;
-        self.clear(index);
+        if !slot.mounted || slot.mounted_size.load(Ordering::Relaxed) == bytes {
+            return Ok(());
+        }
+        let (used_bytes, used_inodes) = usage(&slot.dir)?;
+        let size = bytes.max(used_bytes);
+        remount_tmpfs(&slot.dir, size, inodes(size).max(used_inodes + 16))?;
+        slot.mounted_size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Make the slot's `box/` and `tmp/` new and empty, owned by the slot's uid, whatever
+    /// the last run left there (a tree 15,000 directories deep, a million files).
+    ///
+    /// Nothing here walks what a run left: on a tmpfs slot the old filesystem is detached
+    /// and a fresh one mounted (the kernel frees the old one when its last user is gone);
+    /// otherwise the old dirs are renamed into the slot's trash and removed by `rm -rf` in
+    /// the background. Both are O(1) on the caller's thread, so a hostile tree can neither
+    /// overflow a stack nor hold up an async worker.
+    pub(crate) fn reset(&self, index: usize) -> Result<&Slot, String> {
+        let slot = self.slots.get(index).ok_or("no such slot")?;
+        if slot.mounted {
+            let target = cstring(&slot.dir)?;
+            // SAFETY: `target` is a valid C string for the duration of the call.
+            if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) }
+                != 0
+            {
+                return Err(format!(
+                    "unmounting {}: {}",
+                    slot.dir.display(),
+                    std::io::Error::last_os_error()
+                ));
+            }
+            let size = slot.mounted_size.load(Ordering::Relaxed);
+            if !mount_tmpfs(&slot.dir, size)? {
+                return Err(format!(
+                    "cannot mount a fresh tmpfs on {}",
+                    slot.dir.display()
+                ));
+            }
+        } else {
+            self.throw_away(slot)?;
+        }
         for dir in [slot.dir.join("box"), slot.dir.join("tmp")] {
             std::fs::DirBuilder::new()
                 .mode(0o700)
@@ -259,19 +313,75 @@ impl SlotPool {
         Ok(slot)
     }
 
-    /// Remove everything a run left in the slot (symlinks are removed, never followed).
-    pub(crate) fn clear(&self, index: usize) {
-        if let Some(slot) = self.slots.get(index) {
-            for sub in ["box", "tmp"] {
-                let path = slot.dir.join(sub);
-                if path.symlink_metadata().is_ok() {
-                    if let Err(e) = std::fs::remove_dir_all(&path) {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot clear slot dir");
-                    }
-                }
-            }
+    /// Move what a run left in an unmounted slot out of the way (a rename: no walk), then
+    /// delete it in the background with `rm -rf`, which handles any depth without
+    /// recursion or one descriptor per level.
+    fn throw_away(&self, slot: &Slot) -> Result<(), String> {
+        static TRASHED: AtomicU64 = AtomicU64::new(0);
+        let trash = self.root.join(TRASH_DIR);
+        match std::fs::DirBuilder::new().mode(0o700).create(&trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("creating {}: {e}", trash.display())),
         }
+        let mut moved = false;
+        for sub in ["box", "tmp"] {
+            let path = slot.dir.join(sub);
+            if path.symlink_metadata().is_err() {
+                continue;
+            }
+            let n = TRASHED.fetch_add(1, Ordering::Relaxed);
+            let to = trash.join(format!("{sub}-{n}"));
+            std::fs::rename(&path, &to)
+                .map_err(|e| format!("moving {} aside: {e}", path.display()))?;
+            moved = true;
+        }
+        if moved {
+            std::thread::spawn(move || remove_tree_contents(&trash));
+        }
+        Ok(())
     }
+}
+
+/// Where an unmounted slot's leftovers wait to be deleted.
+const TRASH_DIR: &str = "trash";
+
+/// Delete everything below `dir` (but `dir` itself) with `rm -rf --one-file-system`: GNU
+/// rm walks any depth iteratively, with a bounded number of descriptors, and never follows
+/// symlinks. Blocking; run it off the async workers.
+fn remove_tree_contents(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    if paths.is_empty() {
+        return;
+    }
+    let status = std::process::Command::new("rm")
+        .args(["-rf", "--one-file-system", "--"])
+        .args(&paths)
+        .stdin(std::process::Stdio::null())
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        tracing::warn!(dir = %dir.display(), ?status, "cannot delete a slot's leftovers");
+    }
+}
+
+/// Bytes and inodes in use on the filesystem holding `dir`.
+fn usage(dir: &Path) -> Result<(u64, u64), String> {
+    let c = cstring(dir)?;
+    // SAFETY: statvfs writes into a valid, zeroed struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(format!(
+            "statvfs {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    let used_blocks = st.f_blocks.saturating_sub(st.f_bfree);
+    let used_inodes = st.f_files.saturating_sub(st.f_ffree);
+    Ok((used_blocks * st.f_frsize, used_inodes))
 }
 
 impl Drop for SlotPool {
@@ -298,7 +408,8 @@ impl Drop for SlotPool {
         if let Some(root) = &self.cgroup_root {
             root.remove();
         }
-        let _ = std::fs::remove_dir_all(&self.root);
+        remove_tree_contents(&self.root);
+        let _ = std::fs::remove_dir(&self.root);
     }
 }
 
@@ -346,7 +457,8 @@ fn sweep_stale(work_root: &Path) {
                 unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
             }
         }
-        let _ = std::fs::remove_dir_all(entry.path());
+        remove_tree_contents(&entry.path());
+        let _ = std::fs::remove_dir(entry.path());
     }
 }
 
@@ -438,9 +550,9 @@ fn mount_tmpfs(dir: &Path, bytes: u64) -> Result<bool, String> {
     Ok(true)
 }
 
-fn remount_tmpfs(dir: &Path, bytes: u64) -> Result<(), String> {
+fn remount_tmpfs(dir: &Path, bytes: u64, nr_inodes: u64) -> Result<(), String> {
     let target = cstring(dir)?;
-    let data = std::ffi::CString::new(format!("size={bytes},nr_inodes={}", inodes(bytes)))
+    let data = std::ffi::CString::new(format!("size={bytes},nr_inodes={nr_inodes}"))
         .map_err(|e| e.to_string())?;
     // SAFETY: all pointers are valid C strings or null for the duration of the call.
     let ret = unsafe {

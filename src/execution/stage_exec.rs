@@ -7,6 +7,12 @@
 //! stage and then thrown away, like any other. Stages without a prepared sandbox start one
 //! the same way and hand it the command at once.
 //!
+//! The helper is the sandbox's pid 1 (bubblewrap's `--as-pid-1`): it is never dumpable, so
+//! the stage (same uid) can neither read its memory and descriptors nor write code into it
+//! through `/proc/1/mem`, and signals from inside the sandbox do not reach it. Like any init
+//! it reaps orphans, so a killed stage's leftovers never pile up as zombies. Before it forks
+//! it lowers its own rlimits to the stage's, so nothing in the sandbox holds more.
+//!
 //! The helper forks the stage rather than becoming it, waits for it, and writes its raw wait
 //! status to STATUS_FD. bubblewrap reports a death by signal as exit code 128 + n, so without
 //! this `exit(137)` and SIGKILL would look the same. The status is only the stage's own word
@@ -41,6 +47,11 @@ fn fail(message: &str) -> ! {
 
 /// Entry point of `__stage-exec CONTROL_FD STATUS_FD`. Never returns.
 pub fn stage_exec_main(control_arg: Option<String>, status_arg: Option<String>) -> ! {
+    // First of all: nothing that runs in this sandbox later may reach into us through /proc.
+    // SAFETY: a prctl without pointers.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        fail(&format!("prctl: {}", std::io::Error::last_os_error()));
+    }
     let fd = |arg: Option<String>| arg.and_then(|f| f.parse::<i32>().ok());
     let (Some(control_fd), Some(status_fd)) = (fd(control_arg), fd(status_arg)) else {
         fail("usage: __stage-exec CONTROL_FD STATUS_FD")
@@ -63,19 +74,16 @@ pub fn stage_exec_main(control_arg: Option<String>, status_arg: Option<String>) 
         Err(e) => fail(&format!("bad command: {e}")),
     };
     let exec = ChildCommand::new(&spec);
-    // Before the fork, so the stage (same uid) never sees us dumpable: no window in which
-    // it could open our descriptors or memory through /proc. Its own exec makes it
-    // dumpable again.
-    // SAFETY: a prctl without pointers.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        fail(&format!("prctl: {}", std::io::Error::last_os_error()));
+    // The stage inherits them; this process never holds more than the stage gets.
+    if let Err(e) = super::child::apply_rlimits(&spec.rlimits) {
+        fail(&format!("setrlimit: {e}"));
     }
     // SAFETY: this process has one thread, so the child may do anything before exec.
     match unsafe { libc::fork() } {
         -1 => fail(&format!("fork: {}", std::io::Error::last_os_error())),
         0 => {
             drop(status_out);
-            exec.run(&spec)
+            exec.run()
         }
         child => {
             // Hold none of the stage's pipes: their end must be the stage's alone.
@@ -97,11 +105,12 @@ pub fn stage_exec_main(control_arg: Option<String>, status_arg: Option<String>) 
     }
 }
 
+/// Wait for the stage, reaping every orphan that ends before it (we are pid 1).
 fn wait_for(child: libc::pid_t) -> c_int {
     let mut status: c_int = 0;
     loop {
         // SAFETY: waitpid with a valid out-pointer.
-        let r = unsafe { libc::waitpid(child, &mut status, 0) };
+        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
         if r == child {
             return status;
         }
@@ -139,13 +148,10 @@ impl ChildCommand {
         }
     }
 
-    /// In the forked child: apply the stage's limits and exec it.
-    fn run(&self, spec: &ExecSpec) -> ! {
+    /// In the forked child (which inherited the stage's limits): exec the stage.
+    fn run(&self) -> ! {
         // SAFETY: we are the forked child, about to exec.
         unsafe { super::child::reset_signals() };
-        if let Err(e) = super::child::apply_rlimits(&spec.rlimits) {
-            fail(&format!("setrlimit: {e}"));
-        }
         let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
             v.iter()
                 .map(|c| c.as_ptr())

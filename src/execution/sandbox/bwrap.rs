@@ -120,7 +120,10 @@ impl BwrapBackend {
             slot_dir,
             path,
         };
-        let mut command = self.build(&plan)?;
+        // The helper is the sandbox's pid 1: no bubblewrap init the stage could reach (a
+        // dumpable pid 1 under the same uid let a run write code into /proc/1/mem and fork
+        // past its process limit). The helper is never dumpable and reaps orphans itself.
+        let mut command = self.build_with(&plan, true)?;
         let (control_read, control) = crate::execution::child::pipe_pair()?;
         let (status, status_write) = crate::execution::child::pipe_pair()?;
         set_nonblocking(&status)?;
@@ -174,6 +177,30 @@ impl SandboxBackend for BwrapBackend {
     }
 
     fn build(&self, plan: &StagePlan<'_>) -> Result<SandboxCommand, String> {
+        self.build_with(plan, false)
+    }
+}
+
+/// Host files under /proc that tell a run about the host, and are masked with an empty
+/// file: the kernel's boot parameters, timer and scheduler internals.
+const MASKED_PROC_FILES: &[&str] = &[
+    "/proc/cmdline",
+    "/proc/timer_list",
+    "/proc/sched_debug",
+    "/proc/latency_stats",
+];
+/// Host directories under /proc masked with an empty read-only tmpfs: pressure stall
+/// information (host-wide load), hardware and driver state.
+const MASKED_PROC_DIRS: &[&str] = &["/proc/pressure", "/proc/acpi", "/proc/scsi", "/proc/asound"];
+
+impl BwrapBackend {
+    /// The bubblewrap command; with `command_is_pid_1` the command becomes the sandbox's
+    /// pid 1 (`--as-pid-1`: only for the stage-exec helper, which reaps like an init).
+    fn build_with(
+        &self,
+        plan: &StagePlan<'_>,
+        command_is_pid_1: bool,
+    ) -> Result<SandboxCommand, String> {
         let mut args: Vec<OsString> = [
             "--unshare-all",
             "--unshare-user",
@@ -188,14 +215,35 @@ impl SandboxBackend for BwrapBackend {
         .into_iter()
         .map(OsString::from)
         .collect();
+        if command_is_pid_1 {
+            args.push("--as-pid-1".into());
+        }
         self.bind_args(plan.ro_binds, &mut args);
         let box_dir = plan.slot_dir.join("box");
         let tmp_dir = plan.slot_dir.join("tmp");
+        push(&mut args, ["--proc".as_ref(), "/proc".as_ref()]);
+        for file in MASKED_PROC_FILES.iter().filter(|f| Path::new(f).exists()) {
+            push(
+                &mut args,
+                ["--ro-bind".as_ref(), "/dev/null".as_ref(), file.as_ref()],
+            );
+        }
+        for dir in MASKED_PROC_DIRS.iter().filter(|d| Path::new(d).is_dir()) {
+            push(
+                &mut args,
+                [
+                    "--perms".as_ref(),
+                    "0555".as_ref(),
+                    "--tmpfs".as_ref(),
+                    dir.as_ref(),
+                    "--remount-ro".as_ref(),
+                    dir.as_ref(),
+                ],
+            );
+        }
         push(
             &mut args,
             [
-                "--proc".as_ref(),
-                "/proc".as_ref(),
                 "--dev".as_ref(),
                 "/dev".as_ref(),
                 "--bind".as_ref(),

@@ -1,10 +1,17 @@
 //! The seccomp filters handed to bubblewrap (`--add-seccomp-fd`), built with `seccompiler`.
 //!
-//! Two programs, because a seccompiler filter has one match action:
-//! - a denylist answering EPERM: mounts, namespaces, tracing, kernel keyrings, modules, BPF,
-//!   perf, userfaultfd, reboot/clock/swap and clone with any namespace flag;
+//! Three programs, because a seccompiler filter has one match action:
+//! - a denylist answering EPERM: mounts (including the new mount API and mount listing),
+//!   namespaces, tracing, kernel keyrings, modules, BPF, perf, userfaultfd, io_uring,
+//!   inotify/fanotify (they would show which files concurrent runs open on the shared
+//!   read-only binds), reboot/clock/swap, `memfd_secret`, `modify_ldt`, and clone with any
+//!   namespace flag;
 //! - `clone3` answering ENOSYS: its flags sit in memory a filter cannot read, and ENOSYS makes
-//!   libc fall back to `clone`, whose flags the first filter checks.
+//!   libc fall back to `clone`, whose flags the first filter checks;
+//! - socket families answering EAFNOSUPPORT: only AF_UNIX, AF_INET, AF_INET6 (the sandbox's
+//!   own loopback) and NETLINK_ROUTE (which libc uses to list the sandbox's interfaces).
+//!   AF_VSOCK crosses network namespaces to the hypervisor; AF_PACKET, AF_ALG, Bluetooth,
+//!   the other netlink protocols and the rest are kernel surface no submission needs.
 //!
 //! Syscalls from another architecture (e.g. `int 0x80` on x86_64) fail the filter's arch check.
 
@@ -65,7 +72,28 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_pidfd_getfd,
     libc::SYS_kcmp,
     libc::SYS_process_madvise,
+    // Watching the shared binds shows what concurrent runs open.
+    libc::SYS_inotify_init1,
+    libc::SYS_fanotify_init,
+    libc::SYS_memfd_secret,
+    // Mount API additions newer than the libc crate's constants (same number everywhere).
+    SYS_STATMOUNT,
+    SYS_LISTMOUNT,
+    SYS_OPEN_TREE_ATTR,
 ];
+
+/// Syscalls only some architectures have.
+#[cfg(target_arch = "x86_64")]
+const DENIED_ARCH: &[libc::c_long] = &[libc::SYS_inotify_init, libc::SYS_modify_ldt];
+#[cfg(not(target_arch = "x86_64"))]
+const DENIED_ARCH: &[libc::c_long] = &[];
+
+const SYS_STATMOUNT: libc::c_long = 457;
+const SYS_LISTMOUNT: libc::c_long = 458;
+const SYS_OPEN_TREE_ATTR: libc::c_long = 467;
+
+/// The socket families a submission may open (see the module docs).
+const SOCKET_FAMILIES: &[libc::c_int] = &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6];
 
 /// x32 syscalls (x86_64 numbers with this bit set) share the x86_64 audit arch, so the
 /// arch check does not stop them: deny the x32 numbers of the denied syscalls too.
@@ -86,10 +114,17 @@ const NAMESPACE_FLAGS: &[libc::c_int] = &[
 pub(crate) fn build_filters() -> Result<Vec<Vec<u8>>, String> {
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| format!("seccomp: unsupported architecture: {e:?}"))?;
-    let mut deny: BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let mut deny: BTreeMap<i64, Vec<SeccompRule>> = DENIED
+        .iter()
+        .chain(DENIED_ARCH)
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
     #[cfg(target_arch = "x86_64")]
-    for &nr in DENIED.iter().chain([&libc::SYS_clone, &libc::SYS_clone3]) {
+    for &nr in DENIED
+        .iter()
+        .chain(DENIED_ARCH)
+        .chain([&libc::SYS_clone, &libc::SYS_clone3])
+    {
         deny.insert(nr | X32_BIT, Vec::new());
     }
     let clone_rules = NAMESPACE_FLAGS
@@ -124,7 +159,15 @@ pub(crate) fn build_filters() -> Result<Vec<Vec<u8>>, String> {
     )
     .map_err(|e| format!("seccomp: {e}"))?;
 
-    [deny, clone3]
+    let sockets = SeccompFilter::new(
+        socket_rules()?,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EAFNOSUPPORT as u32),
+        arch,
+    )
+    .map_err(|e| format!("seccomp: {e}"))?;
+
+    [deny, clone3, sockets]
         .into_iter()
         .map(|filter| {
             let program: BpfProgram = filter
@@ -133,6 +176,42 @@ pub(crate) fn build_filters() -> Result<Vec<Vec<u8>>, String> {
             Ok(to_bytes(&program))
         })
         .collect()
+}
+
+/// `socket` and `socketpair` match (and are refused) when the family is none of
+/// [`SOCKET_FAMILIES`] and not netlink with protocol NETLINK_ROUTE.
+fn socket_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
+    let cond = |arg: u8, op: SeccompCmpOp, value: libc::c_int| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value as u64)
+            .map_err(|e| format!("seccomp: {e}"))
+    };
+    // Conditions in one rule all hold; rules of one syscall are alternatives.
+    let other_family = SOCKET_FAMILIES
+        .iter()
+        .chain([&libc::AF_NETLINK])
+        .map(|&family| cond(0, SeccompCmpOp::Ne, family))
+        .collect::<Result<Vec<_>, _>>()?;
+    let other_netlink = vec![
+        cond(0, SeccompCmpOp::Eq, libc::AF_NETLINK)?,
+        cond(2, SeccompCmpOp::Ne, libc::NETLINK_ROUTE)?,
+    ];
+    let rules = || -> Result<Vec<SeccompRule>, String> {
+        [other_family.clone(), other_netlink.clone()]
+            .into_iter()
+            .map(|conds| SeccompRule::new(conds).map_err(|e| format!("seccomp: {e}")))
+            .collect()
+    };
+    let mut map = BTreeMap::new();
+    map.insert(libc::SYS_socket, rules()?);
+    // A pair is AF_UNIX only in practice; the same family rule refuses the rest.
+    map.insert(libc::SYS_socketpair, rules()?);
+    #[cfg(target_arch = "x86_64")]
+    {
+        // x32 numbers would skip these rules: refuse them outright.
+        map.insert(libc::SYS_socket | X32_BIT, Vec::new());
+        map.insert(libc::SYS_socketpair | X32_BIT, Vec::new());
+    }
+    Ok(map)
 }
 
 fn to_bytes(program: &BpfProgram) -> Vec<u8> {
@@ -151,7 +230,7 @@ mod tests {
     #[test]
     fn filters_build_for_this_architecture() {
         let filters = super::build_filters().expect("filters build");
-        assert_eq!(filters.len(), 2);
+        assert_eq!(filters.len(), 3);
         for f in filters {
             assert!(!f.is_empty() && f.len() % 8 == 0);
         }
