@@ -21,7 +21,13 @@ pub enum StartError {
     Sandbox(String),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("host: {0}")]
+    Host(String),
 }
+
+/// Descriptors the daemon keeps for itself beyond connections (slots' pipes, cgroup files,
+/// the runtimes file, logs).
+const OWN_DESCRIPTORS: u64 = 256;
 
 pub struct App {
     pub state: AppState,
@@ -31,6 +37,18 @@ impl App {
     /// Load runtimes, prepare the executor and metrics. Does not bind a socket.
     pub async fn build(settings: Settings) -> Result<App, StartError> {
         let settings = Arc::new(settings);
+        // Every connection and every run's descriptors come out of one process budget.
+        let needed = settings.max_limits.open_files
+            + settings.server.max_connections as u64
+            + OWN_DESCRIPTORS;
+        crate::server::raise_open_files(
+            needed,
+            &format!(
+                "max_limits.open_files ({}), server.max_connections ({}) and the daemon's own ({OWN_DESCRIPTORS})",
+                settings.max_limits.open_files, settings.server.max_connections
+            ),
+        )
+        .map_err(StartError::Host)?;
         let metrics = Metrics::new(settings.slots(), settings.execution.queue_size)?;
         let set = runtimes::load(&settings.runtimes.file, &settings).await?;
         metrics.set_runtimes(&set);
@@ -44,6 +62,7 @@ impl App {
         executor.prepare_idle_slots(default_runtime).await;
         Ok(App {
             state: AppState {
+                responses: api::ResponseBudget::new(settings.server.max_inflight_response_bytes),
                 settings,
                 executor,
                 runtimes: registry,

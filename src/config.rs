@@ -56,6 +56,21 @@ pub struct ServerSettings {
     pub log_level: String,
     /// How long a graceful shutdown waits for in-flight executions.
     pub shutdown_grace_seconds: u64,
+    /// Open connections at most; one more gets a canned 503 and is closed.
+    pub max_connections: usize,
+    /// A request head (and, between requests, the next one) must arrive within this.
+    pub header_read_timeout_ms: u64,
+    /// A request body must arrive within this (408 otherwise).
+    pub body_read_timeout_ms: u64,
+    /// A connection whose writes make no progress for this long is closed.
+    pub write_timeout_ms: u64,
+    /// Request-body bytes buffered at once across all requests (each counts as its
+    /// Content-Length, or `max_body_bytes` when chunked); past it, 503 with Retry-After.
+    pub max_inflight_body_bytes: usize,
+    /// Bytes of execution answers held in memory at once (each submission reserves its
+    /// worst case: four times its `output_bytes`, plus the compile stage's); past it,
+    /// submissions wait like queued ones.
+    pub max_inflight_response_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -77,6 +92,8 @@ pub struct ExecutionSettings {
     pub queue_size: usize,
     /// Where per-slot work dirs live (a fresh sub-directory per daemon).
     pub work_root: PathBuf,
+    /// The longest a submission waits in the queue; then it is answered 429 busy.
+    pub max_queue_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -119,6 +136,9 @@ pub struct SandboxSettings {
     pub path: String,
     /// Host paths bound read-only into every sandbox (missing ones are skipped).
     pub ro_binds: Vec<PathBuf>,
+    /// Let runtimes.toml entries say `backend = "process"` (no isolation). Off, such an
+    /// entry is refused; on, `/health` reports isolation off and warns.
+    pub allow_unsandboxed_runtimes: bool,
 }
 
 impl Default for Settings {
@@ -144,6 +164,12 @@ impl Default for ServerSettings {
             api_keys: Vec::new(),
             log_level: "info".into(),
             shutdown_grace_seconds: 15,
+            max_connections: 512,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            max_inflight_body_bytes: 64 * 1024 * 1024,
+            max_inflight_response_bytes: 512 * 1024 * 1024,
         }
     }
 }
@@ -164,6 +190,7 @@ impl Default for ExecutionSettings {
             max_concurrent: 0,
             queue_size: 64,
             work_root: std::env::temp_dir(),
+            max_queue_wait_ms: 60_000,
         }
     }
 }
@@ -191,7 +218,36 @@ impl Default for SandboxSettings {
             .into_iter()
             .map(PathBuf::from)
             .collect(),
+            allow_unsandboxed_runtimes: false,
         }
+    }
+}
+
+/// The `config` crate rounds a float where an integer belongs (`1500.7` becomes 1501). No
+/// setting is fractional, so a float anywhere in the file is refused, naming its key.
+fn refuse_floats(path: &Path) -> Result<(), ConfigError> {
+    fn walk(prefix: &str, value: &toml::Value) -> Result<(), ConfigError> {
+        match value {
+            toml::Value::Float(f) => Err(invalid(prefix, format!("must be an integer, found {f}"))),
+            toml::Value::Table(t) => t.iter().try_for_each(|(k, v)| {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                walk(&key, v)
+            }),
+            toml::Value::Array(items) => items.iter().try_for_each(|v| walk(prefix, v)),
+            _ => Ok(()),
+        }
+    }
+    // Unreadable or malformed files are reported by the `config` crate's own load.
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    match text.parse::<toml::Table>() {
+        Ok(table) => walk("", &toml::Value::Table(table)),
+        Err(_) => Ok(()),
     }
 }
 
@@ -207,6 +263,7 @@ impl Settings {
         let defaults = config::Config::try_from(&Settings::default())?;
         let mut builder = config::Config::builder().add_source(defaults);
         if let Some(path) = file {
+            refuse_floats(path)?;
             builder = builder.add_source(
                 config::File::from(path)
                     .format(config::FileFormat::Toml)
@@ -224,10 +281,17 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("sandbox.ro_binds")
                 .with_list_parse_key("server.api_keys")
-                .try_parsing(true)
+                // Values stay strings, and serde parses each into its field's type: with
+                // `try_parsing` the crate would coerce `1500.7` into an integer and wrap
+                // `99999999999999999999` around instead of refusing them.
+                .try_parsing(false)
                 .source(Some(vars)),
         );
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        // `MDE_SERVER__API_KEYS="k1, k2"` means "k1" and "k2", never " k2".
+        for key in &mut settings.server.api_keys {
+            *key = key.trim().to_string();
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -241,6 +305,41 @@ impl Settings {
             return Err(invalid(
                 "server.api_keys",
                 "every key must be at least 16 characters",
+            ));
+        }
+        let s = &self.server;
+        if !(1..=1_000_000).contains(&s.max_connections) {
+            return Err(invalid("server.max_connections", "must be 1 to 1000000"));
+        }
+        for (key, ms) in [
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.body_read_timeout_ms", s.body_read_timeout_ms),
+            ("server.write_timeout_ms", s.write_timeout_ms),
+            (
+                "execution.max_queue_wait_ms",
+                self.execution.max_queue_wait_ms,
+            ),
+        ] {
+            if !(100..=3_600_000).contains(&ms) {
+                return Err(invalid(key, "must be 100 to 3600000 (milliseconds)"));
+            }
+        }
+        if s.max_body_bytes > 1 << 30 {
+            return Err(invalid("server.max_body_bytes", "must be at most 1 GiB"));
+        }
+        if s.max_inflight_body_bytes < s.max_body_bytes || s.max_inflight_body_bytes > 1 << 40 {
+            return Err(invalid(
+                "server.max_inflight_body_bytes",
+                "must be at least server.max_body_bytes (and at most 1 TiB)",
+            ));
+        }
+        let largest = crate::api::worst_case_response(&self.max_limits, &self.compile_limits);
+        if s.max_inflight_response_bytes < largest || s.max_inflight_response_bytes > 1 << 40 {
+            return Err(invalid(
+                "server.max_inflight_response_bytes",
+                format!(
+                    "must hold the largest answer max_limits allow ({largest} bytes), and at most 1 TiB"
+                ),
             ));
         }
         if self.execution.queue_size > 100_000 {

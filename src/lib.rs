@@ -1,7 +1,8 @@
 //! mixed-docker-executor: a daemon that runs untrusted code submissions in a sandbox.
 //!
 //! See `ARCHITECTURE.md` for the map. In short: `api` parses and maps, `execution` runs
-//! (and knows no HTTP), `runtimes` says what to run, `metrics` observes, `app` wires them.
+//! (and knows no HTTP), `runtimes` says what to run, `metrics` observes, `app` wires them,
+//! `server` accepts and guards connections.
 
 pub mod api;
 pub mod app;
@@ -9,3 +10,4 @@ pub mod config;
 pub mod execution;
 pub mod metrics;
 pub mod runtimes;
+pub mod server;

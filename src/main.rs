@@ -7,6 +7,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mixed_docker_executor::app::App;
 use mixed_docker_executor::config::Settings;
+use mixed_docker_executor::server::{self, ConnectionLimits};
+use std::sync::Arc;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -42,13 +44,17 @@ fn main() -> anyhow::Result<()> {
             std::env::args().nth(2),
             std::env::args().nth(3),
         ),
-        _ => {}
+        _ => mixed_docker_executor::execution::this_binary_serves_helpers(),
     }
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?
-        .block_on(run())
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(run());
+    // Never wait on a blocking task that hangs (a read of a file that never ends): the
+    // work that matters is done once `run` returns.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -123,16 +129,25 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         "sandbox ready"
     );
     let _reloader = app.spawn_reloader();
-    let listener = poem::listener::TcpListener::bind(addr);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {}:{}", addr.0, addr.1))?;
     tracing::info!(
         "listening on http://{}:{} (Swagger UI at /docs)",
         addr.0,
         addr.1
     );
-    poem::Server::new(listener)
-        .run_with_graceful_shutdown(app.endpoint(), shutdown_signal(), Some(grace))
-        .await
-        .context("server error")?;
+    let limits = ConnectionLimits::from_settings(&app.state.settings.server);
+    server::serve(
+        listener,
+        app.endpoint(),
+        limits,
+        Arc::clone(&app.state.metrics),
+        shutdown_signal(),
+        grace,
+    )
+    .await
+    .context("server error")?;
     tracing::info!("shut down");
     Ok(())
 }

@@ -50,8 +50,49 @@ impl RejectReason {
     }
 }
 
+/// The HTTP guards that turn a client away before any request is read (see `server.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpGuard {
+    /// `server.max_connections` were open and none was idle.
+    Connections,
+    /// An idle connection was closed to make room for a new one at the cap.
+    IdleEvicted,
+    /// Accepting failed (EMFILE and the like); the loop backed off.
+    AcceptError,
+    /// The in-flight request-body budget stayed full (`server.max_inflight_body_bytes`).
+    BodyBudget,
+    /// A request body did not arrive within `server.body_read_timeout_ms`.
+    BodyTimeout,
+    /// The answers held in memory filled `server.max_inflight_response_bytes`.
+    ResponseBudget,
+}
+
+impl HttpGuard {
+    pub const ALL: [HttpGuard; 6] = [
+        HttpGuard::ResponseBudget,
+        HttpGuard::Connections,
+        HttpGuard::IdleEvicted,
+        HttpGuard::AcceptError,
+        HttpGuard::BodyBudget,
+        HttpGuard::BodyTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpGuard::Connections => "connections",
+            HttpGuard::IdleEvicted => "idle_evicted",
+            HttpGuard::AcceptError => "accept_error",
+            HttpGuard::BodyBudget => "body_budget",
+            HttpGuard::BodyTimeout => "body_timeout",
+            HttpGuard::ResponseBudget => "response_budget",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    connections_open: IntGauge,
+    http_refused: IntCounterVec,
     executions: IntCounterVec,
     failures: IntCounterVec,
     duration: HistogramVec,
@@ -74,6 +115,20 @@ fn exponential(start: f64, factor: f64, count: usize) -> Vec<f64> {
 impl Metrics {
     pub fn new(slots: usize, queue: usize) -> Result<Arc<Metrics>, prometheus::Error> {
         let registry = Registry::new_custom(None, None)?;
+        let connections_open =
+            IntGauge::new("mde_http_connections_open", "HTTP connections open now")?;
+        let http_refused = IntCounterVec::new(
+            Opts::new(
+                "mde_http_refused_total",
+                "Connections or requests turned away by an HTTP guard, by guard",
+            ),
+            &["guard"],
+        )?;
+        for guard in HttpGuard::ALL {
+            http_refused.with_label_values(&[guard.as_str()]);
+        }
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(http_refused.clone()))?;
         let executions = IntCounterVec::new(
             Opts::new(
                 "mde_executions_total",
@@ -200,6 +255,8 @@ impl Metrics {
 
         Ok(Arc::new(Metrics {
             registry,
+            connections_open,
+            http_refused,
             executions,
             failures,
             duration,
@@ -251,6 +308,20 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .map_err(|e| e.to_string())?;
         String::from_utf8(buf).map_err(|e| e.to_string())
+    }
+}
+
+impl Metrics {
+    pub fn connection_opened(&self) {
+        self.connections_open.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections_open.dec();
+    }
+
+    pub fn http_refused(&self, guard: HttpGuard) {
+        self.http_refused.with_label_values(&[guard.as_str()]).inc();
     }
 }
 

@@ -492,3 +492,52 @@ async fn the_hosts_boot_command_line_and_pressure_files_are_hidden() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn many_processes_near_the_memory_limit_get_a_memory_verdict_not_an_internal_error() {
+    bounded(90, async {
+        let t = app_with(test_settings()).await;
+        // Forty children of 6 MiB each under 64 MiB: the cgroup's OOM killer must pick one
+        // of them, never the slot's launcher or the sandbox's pid 1 (both were bigger than
+        // any child, and killing them lost the run: 500 on /submit_code).
+        let code = "import os, time\nfor i in range(40):\n    if os.fork() == 0:\n        b = bytearray(6 << 20)\n        for j in range(0, len(b), 4096): b[j] = 1\n        time.sleep(3); os._exit(0)\ntime.sleep(3)";
+        for _ in 0..2 {
+            let run = run_py(
+                &t,
+                code,
+                json!({"memory_bytes": 64 * MIB, "processes": 64, "wall_time_ms": 8000}),
+            )
+            .await;
+            assert_ne!(run["status"], "internal_error", "{run}");
+        }
+        let r = t.submit(
+            "import os, time\nfor i in range(58):\n    if os.fork() == 0:\n        b = bytearray(5 << 20)\n        for j in range(0, len(b), 4096): b[j] = 1\n        time.sleep(3); os._exit(0)\ntime.sleep(3)",
+            None,
+        )
+        .await;
+        assert!(r["return_code"].is_i64(), "{r}");
+        let run = run_py(&t, "print('after')", json!({})).await;
+        assert_eq!(run["stdout"], "after\n", "{run}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn crash_signals_do_not_reach_the_sandboxs_pid_1() {
+    bounded(60, async {
+        let t = app_with(test_settings()).await;
+        // Rust installs SIGSEGV/SIGBUS handlers; pid 1 of a pid namespace gets the signals
+        // it handles, so the helper resets them: from inside, every signal is dropped.
+        let code = "import os, signal, time\nfor s in (signal.SIGSEGV, signal.SIGBUS, signal.SIGTERM, signal.SIGKILL):\n    os.kill(1, s)\ntime.sleep(0.2)\nst = open('/proc/1/status').read()\nprint([l for l in st.splitlines() if l.startswith('SigCgt')][0], flush=True)\nos._exit(7)";
+        for _ in 0..2 {
+            let run = run_py(&t, code, json!({})).await;
+            assert_eq!(run["exit_code"], 7, "pid 1 reported the exact status: {run}");
+            assert_eq!(
+                stdout_of(&run).trim(),
+                "SigCgt:\t0000000000000000",
+                "pid 1 handles no signal: {run}"
+            );
+        }
+    })
+    .await;
+}

@@ -83,6 +83,8 @@ impl From<ExecuteError> for ApiError {
     fn from(e: ExecuteError) -> Self {
         match e {
             ExecuteError::Busy(b) => ApiError::Busy(ErrorBody::new("busy", b.to_string())),
+            // Nobody reads this answer; it is still a typed one.
+            ExecuteError::Abandoned => ApiError::Busy(ErrorBody::new("busy", e.to_string())),
             ExecuteError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 ApiError::Internal(ErrorBody::new(

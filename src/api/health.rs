@@ -18,7 +18,8 @@ pub struct Health {
     pub version: String,
     /// The default sandbox backend: `bwrap` or `process`.
     pub backend: String,
-    /// False when submissions run without isolation (the `process` backend).
+    /// False when any submission can run without isolation (the `process` backend, by
+    /// default or for one runtime).
     pub isolation: bool,
     /// How memory is limited: a memory cgroup, or RLIMIT_AS as a fallback.
     pub memory_enforcement: String,
@@ -116,6 +117,20 @@ impl HealthApi {
             warnings
                 .push("isolation is OFF: the process backend runs submissions unsandboxed".into());
         }
+        let unsandboxed: Vec<String> = state
+            .runtimes
+            .snapshot()
+            .runtimes
+            .iter()
+            .filter(|r| r.backend == crate::config::BackendKind::Process)
+            .map(|r| r.name.clone())
+            .collect();
+        if info.isolated() && !unsandboxed.is_empty() {
+            warnings.push(format!(
+                "isolation is OFF for runtimes {}: runtimes.toml gives them the process backend",
+                unsandboxed.join(", ")
+            ));
+        }
         if !info.per_slot_uid {
             warnings.push(
                 "the daemon is not root: sandboxes share its uid and RLIMIT_NPROC is not applied"
@@ -157,7 +172,7 @@ impl HealthApi {
             status: "ok".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             backend: info.backend.as_str().into(),
-            isolation: info.isolated(),
+            isolation: info.isolated() && unsandboxed.is_empty(),
             memory_enforcement: info.memory.describe(),
             per_slot_uid: info.per_slot_uid,
             workdir_size_enforced: info.sized_workdir,

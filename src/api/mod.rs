@@ -4,6 +4,8 @@
 pub mod body_limit;
 pub mod errors;
 pub mod health;
+mod response_budget;
+pub(crate) use response_budget::{ResponseBudget, worst_case_for as worst_case_response};
 pub mod submit;
 pub mod text;
 pub mod v1;
@@ -38,15 +40,23 @@ pub(crate) enum ApiTags {
 #[derive(Clone)]
 pub struct AppState {
     pub settings: Arc<Settings>,
+    /// Bytes of execution answers that may be held at once (see `response_budget.rs`).
+    pub(crate) responses: response_budget::ResponseBudget,
     pub executor: Arc<Executor>,
     pub runtimes: RuntimeRegistry,
     pub reloader: Reloader,
     pub metrics: Arc<Metrics>,
 }
 
-/// Identifies one request in logs and in the `X-Request-Id` response header.
+/// Identifies one request in logs and in the `X-Request-Id` response header, and says when
+/// its client has gone away (see `server.rs`; never, for requests not from a socket).
 #[derive(Debug, Clone)]
-pub struct RequestId(pub String);
+pub struct RequestId {
+    pub id: String,
+    pub client_gone: crate::server::ClientGone,
+    /// The answer's share of the response budget, released once it is sent.
+    pub(crate) reservation: response_budget::Reservation,
+}
 
 impl AppState {
     /// Run a submission and log one line about it.
@@ -57,13 +67,14 @@ impl AppState {
     ) -> Result<ExecutionReport, ApiError> {
         let started = Instant::now();
         let runtime = request.runtime.name.clone();
-        let result = self.executor.execute(request).await;
+        let gone = request_id.client_gone.0.clone();
+        let result = self.reserve_and_execute(request_id, request, gone).await;
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         match &result {
             Ok(report) => {
                 let stage = report.final_stage();
                 tracing::info!(
-                    request_id = %request_id.0,
+                    request_id = %request_id.id,
                     runtime = %runtime,
                     outcome = report.status().as_str(),
                     exit_code = stage.and_then(|s| s.exit_code),
@@ -73,7 +84,7 @@ impl AppState {
                 );
             }
             Err(e) => tracing::warn!(
-                request_id = %request_id.0,
+                request_id = %request_id.id,
                 runtime = %runtime,
                 outcome = "rejected",
                 error = %e,
@@ -82,6 +93,37 @@ impl AppState {
             ),
         }
         result.map_err(ApiError::from)
+    }
+}
+
+impl AppState {
+    /// Reserve the answer's worst-case size (waiting no longer than a queue place would),
+    /// then execute; both waits end early when the client goes away.
+    async fn reserve_and_execute(
+        &self,
+        request_id: &RequestId,
+        request: ExecutionRequest,
+        gone: tokio_util::sync::CancellationToken,
+    ) -> Result<ExecutionReport, crate::execution::ExecuteError> {
+        use crate::execution::ExecuteError;
+        let wait = std::time::Duration::from_millis(self.settings.execution.max_queue_wait_ms);
+        let bytes = response_budget::worst_case_bytes(&request);
+        let permit = tokio::select! {
+            p = tokio::time::timeout(wait, self.responses.reserve(bytes)) => p.ok().flatten(),
+            () = gone.cancelled() => return Err(ExecuteError::Abandoned),
+        };
+        let Some(permit) = permit else {
+            self.metrics
+                .http_refused(crate::metrics::HttpGuard::ResponseBudget);
+            return Err(ExecuteError::Busy(crate::execution::Busy {
+                running: self.executor.running(),
+                waiting: self.executor.waiting(),
+            }));
+        };
+        request_id.reservation.hold(permit);
+        self.executor
+            .execute(request, async move { gone.cancelled().await })
+            .await
     }
 }
 
@@ -124,15 +166,21 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = Response> {
     let api = openapi_service();
     let ui = api.swagger_ui();
     let spec = api.spec_endpoint();
-    let max_body = state.settings.server.max_body_bytes;
+    let server = &state.settings.server;
+    let body_limit = BodyLimit::new(
+        server.max_body_bytes,
+        server.max_inflight_body_bytes,
+        std::time::Duration::from_millis(server.body_read_timeout_ms),
+        Arc::clone(&state.metrics),
+    );
     let metrics = Arc::clone(&state.metrics);
-    let api_keys = Arc::new(state.settings.server.api_keys.clone());
+    let api_keys = Arc::new(ApiKeys::new(&state.settings.server.api_keys));
     Route::new()
         .at("/openapi.json", spec)
         .nest("/docs", ui)
         .at("/metrics", get(metrics_endpoint))
         .nest("/", api)
-        .with(BodyLimit(max_body))
+        .with(body_limit)
         .catch_all_error(|err: poem::Error| async move {
             let status = err.status();
             let code = match status {
@@ -164,32 +212,68 @@ async fn metrics_endpoint(state: poem::web::Data<&AppState>) -> Response {
     }
 }
 
-/// Compare in time independent of where the first difference is.
-fn same_key(given: &[u8], key: &[u8]) -> bool {
-    given.len() == key.len() && given.iter().zip(key).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+/// The configured API keys, compared so that timing tells nothing about them: the key
+/// given is hashed with a secret per-process SipHash key, and its digest is compared with
+/// every key's digest (time depends only on the given key's length, never on where or
+/// whether it differs, nor on the keys' lengths); the bytes are compared only on a match.
+struct ApiKeys {
+    hasher: std::hash::RandomState,
+    keys: Vec<(u64, String)>,
+}
+
+impl ApiKeys {
+    fn new(keys: &[String]) -> ApiKeys {
+        let hasher = std::hash::RandomState::new();
+        let keys = keys
+            .iter()
+            .map(|k| {
+                (
+                    std::hash::BuildHasher::hash_one(&hasher, k.as_bytes()),
+                    k.clone(),
+                )
+            })
+            .collect();
+        ApiKeys { hasher, keys }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    fn accepts(&self, given: &str) -> bool {
+        let digest = std::hash::BuildHasher::hash_one(&self.hasher, given.as_bytes());
+        let matched = self.keys.iter().fold(None, |found, (d, key)| {
+            found.or((*d == digest).then_some(key))
+        });
+        matched.is_some_and(|key| key.as_bytes() == given.as_bytes())
+    }
+}
+
+/// The key a request presents: `Authorization: Bearer KEY` (the scheme in any case, as
+/// RFC 7235 says) or `X-API-Key: KEY`.
+fn presented_key(req: &Request) -> &str {
+    let bearer = req.header("authorization").and_then(|v| {
+        let (scheme, key) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then_some(key)
+    });
+    bearer
+        .or_else(|| req.header("x-api-key"))
+        .map(str::trim)
+        .unwrap_or_default()
 }
 
 /// With `server.api_keys` set, code-running endpoints need a key; others stay open.
 async fn require_api_key<E: Endpoint>(
     ep: Arc<E>,
     req: Request,
-    keys: Arc<Vec<String>>,
+    keys: Arc<ApiKeys>,
 ) -> poem::Result<Response> {
     let path = req.uri().path();
     let protected = path == "/submit_code" || path.starts_with("/api/v1/");
     if keys.is_empty() || !protected {
         return ep.call(req).await.map(IntoResponse::into_response);
     }
-    let given = req
-        .header("authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| req.header("x-api-key"))
-        .map(str::trim)
-        .unwrap_or_default();
-    if keys
-        .iter()
-        .any(|k| same_key(given.as_bytes(), k.as_bytes()))
-    {
+    if keys.accepts(presented_key(&req)) {
         return ep.call(req).await.map(IntoResponse::into_response);
     }
     let mut resp = json_error(
@@ -215,8 +299,20 @@ async fn with_request_id<E: Endpoint>(ep: Arc<E>, mut req: Request) -> poem::Res
             let n = REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed);
             format!("{:08x}-{n:06x}", std::process::id())
         });
-    req.extensions_mut().insert(RequestId(id.clone()));
+    let client_gone = req
+        .extensions()
+        .get::<crate::server::ClientGone>()
+        .cloned()
+        .unwrap_or_default();
+    let reservation = response_budget::Reservation::default();
+    req.extensions_mut().insert(RequestId {
+        id: id.clone(),
+        client_gone,
+        reservation: reservation.clone(),
+    });
     let mut resp = ep.call(req).await?.into_response();
+    let body = reservation.attach(resp.take_body()).await;
+    resp.set_body(body);
     if let Ok(value) = id.parse() {
         resp.headers_mut().insert("x-request-id", value);
     }

@@ -30,6 +30,7 @@ pub enum Encoding {
 
 /// One source file.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct FileInput {
     /// Path relative to the work dir (`main.py`, `src/util.py`): no absolute paths, no `..`.
     /// Defaults to the runtime's `file_name` for the first file.
@@ -45,6 +46,7 @@ pub struct FileInput {
 /// Limits for this request. Each may lower the runtime's default or raise it up to the
 /// runtime's and server's maximum (see `GET /api/v1/runtimes`); asking for more is a 422.
 #[derive(Debug, Clone, Default, Object)]
+#[oai(deny_unknown_fields)]
 pub struct RequestLimits {
     /// Wall-clock time of the run stage in milliseconds.
     pub wall_time_ms: Option<u64>,
@@ -65,9 +67,10 @@ pub struct RequestLimits {
     pub workdir_bytes: Option<u64>,
 }
 
-/// A program to run.
+/// A program to run. Unknown fields are refused (400 naming the field): a typo such as
+/// `limits.memory` for `limits.memory_bytes` must not run with the limit unchanged.
 #[derive(Debug, Object)]
-#[oai(example)]
+#[oai(example, deny_unknown_fields)]
 pub struct ExecuteRequest {
     /// Runtime name or alias (`python3`, `py`, `c`...); the server's default when absent.
     #[oai(deserialize_with = "super::text::runtime")]

@@ -6,9 +6,11 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The queue is full.
+/// The queue is full, or a submission waited in it for longer than allowed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("the server is busy: {running} executions running and {waiting} waiting")]
 pub struct Busy {
@@ -26,6 +28,8 @@ pub(crate) struct Admission {
     retired: Arc<AtomicUsize>,
     slots: usize,
     queue: usize,
+    /// The longest a submission may wait in the queue.
+    max_wait: Duration,
 }
 
 /// An admitted execution's slot; returned to the pool on drop.
@@ -61,7 +65,7 @@ impl Drop for SlotLease {
 }
 
 impl Admission {
-    pub(crate) fn new(slots: usize, queue: usize) -> Self {
+    pub(crate) fn new(slots: usize, queue: usize, max_wait: Duration) -> Self {
         Admission {
             semaphore: Arc::new(Semaphore::new(slots)),
             free: Arc::new(Mutex::new((0..slots).collect())),
@@ -69,6 +73,7 @@ impl Admission {
             retired: Arc::new(AtomicUsize::new(0)),
             slots,
             queue,
+            max_wait,
         }
     }
 
@@ -102,14 +107,22 @@ impl Admission {
                         waiting: self.waiting(),
                     });
                 }
+                // Dropping this future (the client left) gives the place back at once.
                 let _leave = QueueGuard(&self.waiting);
-                Arc::clone(&self.semaphore)
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Busy {
-                        running: self.running(),
-                        waiting: self.waiting(),
-                    })?
+                match tokio::time::timeout(
+                    self.max_wait,
+                    Arc::clone(&self.semaphore).acquire_owned(),
+                )
+                .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        return Err(Busy {
+                            running: self.running(),
+                            waiting: self.waiting(),
+                        });
+                    }
+                }
             }
         };
         let index = match self.free.lock() {
@@ -147,7 +160,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_refuses_at_once() {
-        let admission = Arc::new(Admission::new(1, 1));
+        let admission = Arc::new(Admission::new(1, 1, Duration::from_secs(60)));
         let first = admission.acquire().await.expect("a free slot");
         let waiter = {
             let admission = Arc::clone(&admission);
@@ -169,8 +182,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_queued_submission_waits_no_longer_than_allowed() {
+        let admission = Admission::new(1, 4, Duration::from_millis(50));
+        let _held = admission.acquire().await.expect("a free slot");
+        let started = std::time::Instant::now();
+        assert!(admission.acquire().await.is_err(), "the wait must end");
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(admission.waiting(), 0, "and give its place back");
+    }
+
+    #[tokio::test]
     async fn a_retired_slot_is_never_handed_out_again() {
-        let admission = Admission::new(2, 0);
+        let admission = Admission::new(2, 0, Duration::from_secs(60));
         let first = admission.acquire().await.expect("a free slot");
         let bad = first.index;
         first.retire();

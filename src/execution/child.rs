@@ -138,6 +138,26 @@ pub(crate) unsafe fn reset_signals() {
     }
 }
 
+/// Set this process's OOM score adjustment (`-1000` never chosen, `0` the default) with
+/// plain system calls, so it may run between fork and exec.
+pub(crate) fn set_oom_score_adj(value: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: a static path and a valid C string; the descriptor is closed before return.
+    unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        check(fd)?;
+        let bytes = value.to_bytes();
+        let written = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        libc::close(fd);
+        if written < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// The most descriptors a backend may pass.
 pub(crate) const MAX_PASS_FDS: usize = 8;
 

@@ -151,7 +151,11 @@ impl Executor {
             BackendKind::Process => None,
         };
         Ok(Executor {
-            admission: Admission::new(count, settings.execution.queue_size),
+            admission: Admission::new(
+                count,
+                settings.execution.queue_size,
+                std::time::Duration::from_millis(settings.execution.max_queue_wait_ms),
+            ),
             prepared: (0..count).map(|_| Mutex::new(None)).collect(),
             prepared_binds: Mutex::new(Vec::new()),
             warm_for: (0..count).map(|_| Mutex::new(None)).collect(),
@@ -243,13 +247,19 @@ impl Executor {
     }
 
     /// Admit, run every stage, and report. The stages run in their own task, so a client
-    /// that goes away cannot leave a sandbox running or a slot taken.
+    /// that goes away cannot leave a sandbox running or a slot taken. When `abandoned`
+    /// resolves while the submission still waits for a slot (its client went away), it
+    /// leaves the queue at once and never runs.
     pub async fn execute(
         self: &Arc<Self>,
         request: ExecutionRequest,
+        abandoned: impl std::future::Future<Output = ()>,
     ) -> Result<ExecutionReport, ExecuteError> {
         let arrived = Instant::now();
-        let lease = self.admission.acquire().await?;
+        let lease = tokio::select! {
+            lease = self.admission.acquire() => lease?,
+            () = abandoned => return Err(ExecuteError::Abandoned),
+        };
         self.observer.admitted(arrived.elapsed());
         self.run_in_slot(request, lease, true).await
     }

@@ -36,6 +36,8 @@ pub(crate) struct SpawnSpec {
     pub(crate) cwd: Vec<u8>,
     pub(crate) rlimits: Vec<Rlimit>,
     pub(crate) uid: Option<u32>,
+    /// Keep the launcher's OOM immunity (see `SandboxCommand::oom_protected`).
+    pub(crate) oom_protected: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -265,7 +267,9 @@ fn serve_one(stream: &mut StdUnixStream, spec: SpawnSpec, fds: Vec<OwnedFd>) {
         // SAFETY: we are the freshly forked child; every pointer was built before the fork.
         unsafe {
             libc::setpgid(0, 0);
-            let _ = std::fs::write("/proc/self/oom_score_adj", "0");
+            if !spec.oom_protected {
+                let _ = std::fs::write("/proc/self/oom_score_adj", "0");
+            }
             for (target, &fd) in raw[..3].iter().enumerate() {
                 libc::dup2(fd, target as c_int);
             }
@@ -606,10 +610,26 @@ impl Drop for Launcher {
     }
 }
 
-/// The binary to run launchers from: this executable when it is the daemon, or the daemon
-/// built beside a test binary (`target/debug/deps/..` next to `target/debug/`).
+/// Set by the daemon's `main`: this very binary runs launchers and helpers, whatever it
+/// is called (a renamed binary once silently lost the helper, and with it the sandbox's
+/// non-dumpable pid 1).
+static DAEMON_BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Called by the daemon binary before anything else: it serves the helper modes.
+pub fn this_binary_serves_helpers() {
+    if let Ok(exe) = std::env::current_exe() {
+        let _ = DAEMON_BINARY.set(exe);
+    }
+}
+
+/// The binary to run launchers and helpers from: the daemon's own (see above), else one
+/// named like it (the daemon built beside a test binary: `target/debug/deps/..` next to
+/// `target/debug/`).
 pub(crate) fn launcher_executable() -> Option<PathBuf> {
     const NAME: &str = "mixed-docker-executor";
+    if let Some(exe) = DAEMON_BINARY.get() {
+        return Some(exe.clone());
+    }
     let exe = std::env::current_exe().ok()?;
     if exe.file_name().is_some_and(|n| n == NAME) {
         return Some(exe);

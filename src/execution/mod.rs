@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 pub use admission::Busy;
 pub use engine::{Executor, ExecutorInfo};
-pub use launcher::{LAUNCHER_ARG, launcher_main};
+pub use launcher::{LAUNCHER_ARG, launcher_main, this_binary_serves_helpers};
 pub use limits::{LimitExceeded, Limits, LimitsOverride};
 pub use observer::{ExecutionObserver, NoopObserver};
 pub use report::{ExecutionReport, LimitKind, StageReport, StageStatus, without_host_paths};
@@ -69,8 +69,32 @@ impl ExecutionRequest {
     }
 
     /// Checks that need the whole request: names that collide (a file where another needs a
-    /// directory) and files that could not fit in the work dir.
+    /// directory), files that could not fit in the work dir, and arguments the kernel would
+    /// refuse to exec (so a warm interpreter, which gets them through a pipe, and a cold
+    /// start, which execs, answer the same).
     pub fn validate(&self) -> Result<(), String> {
+        if self.args.len() > MAX_ARGS {
+            return Err(format!(
+                "{} arguments, more than the maximum of {MAX_ARGS}",
+                self.args.len()
+            ));
+        }
+        if let Some((i, _)) = self
+            .args
+            .iter()
+            .enumerate()
+            .find(|(_, a)| a.len() > MAX_ARG_BYTES || a.contains('\0'))
+        {
+            return Err(format!(
+                "`args[{i}]` is longer than the maximum of {MAX_ARG_BYTES} bytes or holds a NUL"
+            ));
+        }
+        let arg_bytes: usize = self.args.iter().map(|a| a.len() + 1).sum();
+        if arg_bytes > MAX_ARGS_TOTAL_BYTES {
+            return Err(format!(
+                "the arguments hold {arg_bytes} bytes, more than the maximum of {MAX_ARGS_TOTAL_BYTES}"
+            ));
+        }
         let mut total: u64 = 0;
         for (i, file) in self.files.iter().enumerate() {
             validate_file_name(&file.name)?;
@@ -91,6 +115,14 @@ impl ExecutionRequest {
         Ok(())
     }
 }
+
+/// Arguments per request at most.
+pub const MAX_ARGS: usize = 1024;
+/// One argument at most: below the kernel's 128 KiB per exec string (`MAX_ARG_STRLEN`).
+pub const MAX_ARG_BYTES: usize = 64 * 1024;
+/// All arguments together at most (with their NULs): well inside the kernel's exec limit
+/// next to the runtime's own command and environment.
+pub const MAX_ARGS_TOTAL_BYTES: usize = 256 * 1024;
 
 /// A submitted file name must stay inside the work dir: relative, no `..`, no empty or hidden
 /// tricks, at most a few levels deep.
@@ -123,6 +155,9 @@ pub fn validate_file_name(name: &str) -> Result<(), String> {
 pub enum ExecuteError {
     #[error(transparent)]
     Busy(#[from] Busy),
+    /// The client went away while the submission was queued; it never ran.
+    #[error("the client went away while the submission waited for a slot")]
+    Abandoned,
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -276,6 +276,7 @@ fn spawn_direct(cmd: SandboxCommand, ctx: &RunContext<'_>) -> Result<Spawned, St
         return Err("too many descriptors to pass".into());
     }
     let uid = ctx.uid;
+    let oom_score: &'static std::ffi::CStr = if cmd.oom_protected { c"-1000" } else { c"0" };
     // SAFETY: the closure runs in the child between fork and exec. It only makes
     // async-signal-safe system calls on memory captured before the fork; no allocation.
     unsafe {
@@ -288,6 +289,8 @@ fn spawn_direct(cmd: SandboxCommand, ctx: &RunContext<'_>) -> Result<Spawned, St
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // As root, before the uid drop: lowering the score needs the privilege.
+            super::child::set_oom_score_adj(oom_score)?;
             let mut scratch = [0 as c_int; MAX_PASS_FDS];
             prepare_child(&pass_fds, &mut scratch, &limits_list, uid)
         });
@@ -346,6 +349,7 @@ async fn spawn_launched(
         cwd: bytes(cmd.cwd.as_os_str()),
         rlimits: rlimits(ctx),
         uid: ctx.uid,
+        oom_protected: cmd.oom_protected,
     };
     let pid = launcher.spawn(spec, &fds).await?;
     // The child has its copies now; ours of its ends must close so EOF can arrive.
@@ -474,7 +478,23 @@ pub(crate) async fn supervise(
             }
         };
 
+    let oom_killed = ctx.cgroup.is_some_and(|cg| cg.oom_kills() > oom_before);
     let Some(exit) = exit else {
+        if oom_killed {
+            // The run's memory use is what got a process of its sandbox killed.
+            return StageReport {
+                status: StageStatus::MemoryLimit,
+                limit: Some(LimitKind::Memory),
+                stdout,
+                stderr,
+                stdout_truncated,
+                stderr_truncated,
+                wall_time,
+                peak_memory_bytes: ctx.cgroup.and_then(MemoryCgroup::peak_bytes),
+                message: Some("the run's memory use got a process of its sandbox killed".into()),
+                ..StageReport::internal("no exit status (the memory limit was hit)", limits)
+            };
+        }
         return StageReport::internal("lost track of the stage's process", limits);
     };
     let (mut exit_code, mut signal) = decode_status(exit.status);
@@ -495,7 +515,6 @@ pub(crate) async fn supervise(
         .cgroup
         .and_then(MemoryCgroup::peak_bytes)
         .or(Some(exit.maxrss_kb * 1024));
-    let oom_killed = ctx.cgroup.is_some_and(|cg| cg.oom_kills() > oom_before);
 
     if limit_hit.is_none() {
         limit_hit = if stdout_truncated || stderr_truncated {
@@ -618,11 +637,12 @@ async fn read_capped(
 }
 
 /// The longest prefix of `bytes` whose cost is at most `room`, and that cost. A character
-/// costs its UTF-8 length, except those JSON escaping blows up: a control character that
-/// serde_json writes as `\u00XX` costs 6, an invalid byte 3 (the U+FFFD replacing it in
-/// lossy text; base64, which the v1 API uses for such streams, is less). So `output_bytes`
-/// means raw bytes for ordinary text, and a stream's JSON form is at most twice the cap
-/// (all quotes or newlines, escaped as two characters each). A character split between
+/// costs its UTF-8 length, except those JSON escaping blows up: `"` and `\\` cost 2, a
+/// control character that serde_json writes as `\u00XX` 6, an invalid byte 3 (the U+FFFD
+/// replacing it in lossy text; base64, which the v1 API uses for such streams, is less).
+/// So `output_bytes` means raw bytes for ordinary text, and a stream's JSON form is at
+/// most twice the cap (all newlines or tabs, kept at 1 so that ordinary text is not cut
+/// early, escaped as two characters each). A character split between
 /// two reads counts as invalid bytes: a few bytes of overcount, never undercount.
 pub(crate) fn json_prefix(bytes: &[u8], room: usize) -> (usize, usize) {
     let mut len = 0;
@@ -630,6 +650,7 @@ pub(crate) fn json_prefix(bytes: &[u8], room: usize) -> (usize, usize) {
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
             let c_cost = match c {
+                '"' | '\\' => 2,
                 '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 1,
                 c if (c as u32) < 0x20 => 6,
                 c => c.len_utf8(),
@@ -717,7 +738,7 @@ mod tests {
             (b"hello", 3, (3, 3)),
             (b"\x01\x01", 100, (2, 12)),
             (b"\x01\x01", 11, (1, 6)),
-            (b"a\nb\"", 100, (4, 4)),
+            (b"a\nb\"", 100, (4, 5)),
             ("\u{e9}\u{e9}".as_bytes(), 3, (2, 2)),
             (b"\xff\xfe", 100, (2, 6)),
             (b"ok\xff", 4, (2, 2)),

@@ -52,6 +52,10 @@ pub fn stage_exec_main(control_arg: Option<String>, status_arg: Option<String>) 
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
         fail(&format!("prctl: {}", std::io::Error::last_os_error()));
     }
+    // No handlers either (Rust installs SIGSEGV/SIGBUS ones): as pid 1 we then ignore every
+    // signal sent from inside the sandbox.
+    // SAFETY: plain system calls on this process's own dispositions.
+    unsafe { super::child::reset_signals() };
     let fd = |arg: Option<String>| arg.and_then(|f| f.parse::<i32>().ok());
     let (Some(control_fd), Some(status_fd)) = (fd(control_arg), fd(status_arg)) else {
         fail("usage: __stage-exec CONTROL_FD STATUS_FD")
@@ -152,6 +156,16 @@ impl ChildCommand {
     fn run(&self) -> ! {
         // SAFETY: we are the forked child, about to exec.
         unsafe { super::child::reset_signals() };
+        // We (pid 1) are immune to the OOM killer; the stage must not be: a run over its
+        // memory limit would otherwise hang in the cgroup's OOM instead of being killed.
+        // Our /proc files belong to root while we are not dumpable, so become dumpable
+        // first, as exec would make us anyway (nothing else runs in the sandbox yet, and
+        // this copy holds only the stage's own command).
+        // SAFETY: a prctl without pointers.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+        if let Err(e) = super::child::set_oom_score_adj(c"0") {
+            fail(&format!("resetting the OOM score: {e}"));
+        }
         let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
             v.iter()
                 .map(|c| c.as_ptr())

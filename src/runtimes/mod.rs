@@ -24,7 +24,12 @@ pub enum RuntimesError {
         source: std::io::Error,
     },
     #[error("invalid runtimes file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        path: PathBuf,
+        /// Where the error is (1-based), when TOML says.
+        line: Option<usize>,
+        message: String,
+    },
     #[error("invalid runtimes file {path}: runtime `{entry}`, key `{key}`: {message}")]
     Entry {
         path: PathBuf,
@@ -32,6 +37,88 @@ pub enum RuntimesError {
         key: String,
         message: String,
     },
+}
+
+impl RuntimesError {
+    /// What a client may see (`/ready`): which entry and key, or which line, but no path
+    /// and none of the file's content (a value there could be a secret). The full error
+    /// goes to the log.
+    pub fn summary(&self) -> String {
+        let (RuntimesError::Read { path, .. }
+        | RuntimesError::Parse { path, .. }
+        | RuntimesError::Entry { path, .. }) = self;
+        let file = path
+            .file_name()
+            .map_or_else(|| "the runtimes file".into(), |n| n.to_string_lossy());
+        match self {
+            RuntimesError::Read { source, .. } => {
+                format!("cannot read {file} ({source})")
+            }
+            RuntimesError::Parse { line: Some(n), .. } => {
+                format!("{file} is not valid TOML (line {n})")
+            }
+            RuntimesError::Parse { line: None, .. } => format!("{file} is not valid TOML"),
+            RuntimesError::Entry { entry, key, .. } => {
+                format!("{file}: runtime `{entry}`, key `{key}` is invalid (see the daemon's log)")
+            }
+        }
+    }
+}
+
+/// The most a runtimes file may hold.
+const MAX_RUNTIMES_FILE_BYTES: u64 = 1024 * 1024;
+/// How long reading it may take.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Read a config file that an operator (or a hostile edit) controls: a regular file only
+/// (a FIFO would block the reader forever, and with it shutdown), opened without blocking,
+/// at most [`MAX_RUNTIMES_FILE_BYTES`], within [`READ_TIMEOUT`]. Symlinks are followed
+/// (Kubernetes ConfigMaps are symlinks).
+async fn read_config_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        if meta.len() > MAX_RUNTIMES_FILE_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("larger than {MAX_RUNTIMES_FILE_BYTES} bytes"),
+            ));
+        }
+        let mut text = String::new();
+        file.take(MAX_RUNTIMES_FILE_BYTES)
+            .read_to_string(&mut text)?;
+        Ok(text)
+    });
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(std::io::Error::other(e)),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "reading took too long",
+        )),
+    }
+}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()
+        .iter()
+        .take(offset)
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Whether a runtime can run here, and why not.
@@ -147,7 +234,7 @@ fn version_matches(selector: &str, actual: &str) -> bool {
 
 /// Load, validate and probe a runtimes file.
 pub async fn load(path: &Path, settings: &Settings) -> Result<RuntimeSet, RuntimesError> {
-    let text = tokio::fs::read_to_string(path)
+    let text = read_config_file(path)
         .await
         .map_err(|source| RuntimesError::Read {
             path: path.to_path_buf(),
@@ -155,9 +242,17 @@ pub async fn load(path: &Path, settings: &Settings) -> Result<RuntimeSet, Runtim
         })?;
     let file: RuntimesFile = toml::from_str(&text).map_err(|e| RuntimesError::Parse {
         path: path.to_path_buf(),
+        line: e.span().map(|span| line_of(&text, span.start)),
         message: e.to_string().trim_end().replace('\n', " "),
     })?;
     let runtimes = validate(path, &file, settings)?;
+    for r in runtimes
+        .iter()
+        .filter(|r| r.backend == BackendKind::Process && settings.sandbox.backend != r.backend)
+    {
+        tracing::warn!(runtime = %r.name,
+            "!!! ISOLATION IS OFF for this runtime: runtimes.toml gives it the process backend !!!");
+    }
     let probed = probe::probe_all(runtimes, &settings.sandbox.path).await;
     let mut by_name = HashMap::new();
     for (i, runtime) in probed.iter().enumerate() {
@@ -188,6 +283,19 @@ fn validate(
     let mut out = Vec::with_capacity(file.runtimes.len());
     for entry in &file.runtimes {
         let name = entry.name.as_str();
+        // One line in runtimes.toml must not turn isolation off unnoticed (also by reload).
+        if entry.backend == Some(BackendKind::Process)
+            && settings.sandbox.backend != BackendKind::Process
+            && !settings.sandbox.allow_unsandboxed_runtimes
+        {
+            return Err(entry_error(
+                name,
+                "backend",
+                "`process` runs submissions without isolation; set \
+                 sandbox.allow_unsandboxed_runtimes = true to allow it"
+                    .into(),
+            ));
+        }
         if !valid_name(name) {
             return Err(entry_error(
                 name,

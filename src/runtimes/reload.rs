@@ -15,7 +15,8 @@ use crate::config::Settings;
 pub struct ReloadStatus {
     pub reloads_ok: u64,
     pub reloads_failed: u64,
-    /// The error of the latest reload, if that one failed.
+    /// A summary of the latest reload's error, if that one failed: which entry and key or
+    /// which line, without the path or the file's content (the log has the detail).
     pub last_error: Option<String>,
 }
 
@@ -77,7 +78,7 @@ impl Reloader {
                 tracing::error!(error = %message, "runtimes reload failed; keeping the previous definitions");
                 self.observer.reloaded(Err(&message));
                 status.reloads_failed += 1;
-                status.last_error = Some(message.clone());
+                status.last_error = Some(e.summary());
                 Err(message)
             }
         }

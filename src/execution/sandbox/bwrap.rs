@@ -285,6 +285,7 @@ impl BwrapBackend {
         args.push("--".into());
         args.extend(plan.argv.iter().map(OsString::from));
         Ok(SandboxCommand {
+            oom_protected: command_is_pid_1,
             program: self.bwrap.clone(),
             args,
             // bubblewrap itself gets an empty environment; the stage's comes from --setenv.

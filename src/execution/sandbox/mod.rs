@@ -35,6 +35,10 @@ pub struct StagePlan<'a> {
 /// A fully built command, ready for the runner to spawn.
 #[derive(Debug)]
 pub struct SandboxCommand {
+    /// Its first process (bubblewrap, then the stage-exec helper as pid 1) must never be
+    /// the OOM killer's choice inside the slot's memory cgroup: killing it would lose the
+    /// run's status. The helper resets the stage it forks to the default score.
+    pub oom_protected: bool,
     pub program: PathBuf,
     pub args: Vec<OsString>,
     pub env: Vec<(OsString, OsString)>,

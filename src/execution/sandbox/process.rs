@@ -23,6 +23,7 @@ impl SandboxBackend for ProcessBackend {
         let mut env = base_env(plan.path, &work, &plan.slot_dir.join("tmp"));
         env.extend(plan.env.iter().map(|(k, v)| (k.into(), v.into())));
         Ok(SandboxCommand {
+            oom_protected: false,
             program: Path::new(program).to_path_buf(),
             args: args.iter().map(Into::into).collect(),
             env,

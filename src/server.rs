@@ -1,0 +1,375 @@
+//! The HTTP server loop: accept, guard, and serve connections with hyper (HTTP/1.1 only).
+//!
+//! poem's own `Server` leaves a hostile client too much: no header-read timeout (hyper's
+//! needs a timer poem never sets), no connection cap, accept errors retried in a hot loop,
+//! HTTP/2 with no stream cap, and an HTTP/1 handler that keeps running after its client
+//! hung up. So the daemon runs its own small loop around hyper, and poem only routes:
+//! - at most `max_connections` open; at the cap the oldest idle connection (no request in
+//!   progress) is closed to make room, so idle sockets cannot lock clients out; with none
+//!   idle, the new one is answered a canned 503 and closed;
+//! - a request head must arrive within `header_read_timeout_ms` (this also ends idle
+//!   keep-alive connections), and a write that makes no progress for `write_timeout_ms`
+//!   ends the connection (a client that stops reading cannot pin a response in memory);
+//! - HTTP/1.1 only: an HTTP/2 preface is a parse error, so no stream multiplexing;
+//! - accept errors (EMFILE...) back off instead of spinning;
+//! - each request carries a [`ClientGone`] token that fires when the peer closes or
+//!   resets the connection, so a queued submission whose client left never runs.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use poem::http::uri::Scheme;
+use poem::web::{LocalAddr, RemoteAddr};
+use poem::{Endpoint, IntoResponse};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_io_timeout::TimeoutStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ServerSettings;
+use crate::metrics::{HttpGuard, Metrics};
+
+/// Fires when the client of this request's connection has closed or reset it.
+#[derive(Debug, Clone, Default)]
+pub struct ClientGone(pub CancellationToken);
+
+/// What the loop enforces, from `server.*` settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    pub fn from_settings(s: &ServerSettings) -> Self {
+        ConnectionLimits {
+            max_connections: s.max_connections,
+            header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
+            write_timeout: Duration::from_millis(s.write_timeout_ms),
+        }
+    }
+}
+
+/// Largest request head hyper buffers per connection (it refuses larger heads).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// How long to wait before accepting again after an accept error such as EMFILE.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 72\r\n\r\n\
+{\"code\":\"busy\",\"message\":\"too many open connections; retry in a second\"}";
+
+/// Serve `endpoint` on `listener` until `shutdown` resolves, then let open connections
+/// finish their requests for up to `grace`.
+pub async fn serve<E>(
+    listener: TcpListener,
+    endpoint: E,
+    limits: ConnectionLimits,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> std::io::Result<()>
+where
+    E: Endpoint + 'static,
+{
+    let endpoint = Arc::new(endpoint);
+    let local = LocalAddr(listener.local_addr()?.into());
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    let tracker = TaskTracker::new();
+    let idle = Arc::new(Connections::default());
+    let stop = CancellationToken::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) if is_transient(&e) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    metrics.http_refused(HttpGuard::AcceptError);
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let permit = match Arc::clone(&open).try_acquire_owned() {
+            Ok(p) => Some(p),
+            // The evicted connection's permit comes back as soon as its task sees the token.
+            Err(_) if idle.evict_oldest() => {
+                metrics.http_refused(HttpGuard::IdleEvicted);
+                tokio::time::timeout(EVICTION_WAIT, Arc::clone(&open).acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
+            metrics.http_refused(HttpGuard::Connections);
+            // Best effort and never blocking: a full socket buffer just loses the body.
+            let _ = tcp.try_write(AT_CAPACITY);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let io = ConnIo::new(tcp, permit, limits.write_timeout, Arc::clone(&metrics));
+        let gone = io.gone.clone();
+        let (endpoint, local, remote) = (
+            Arc::clone(&endpoint),
+            local.clone(),
+            RemoteAddr(peer.into()),
+        );
+        let stop = stop.clone();
+        let (evict, busy, _registered) = idle.register();
+        tracker.spawn(async move {
+            let service = hyper::service::service_fn(move |mut req| {
+                req.extensions_mut().insert(ClientGone(gone.clone()));
+                let request =
+                    poem::Request::from((req, local.clone(), remote.clone(), Scheme::HTTP));
+                let endpoint = Arc::clone(&endpoint);
+                let busy = Busy::start(&busy);
+                async move {
+                    let _busy = busy;
+                    let response = match endpoint.call(request).await {
+                        Ok(r) => r.into_response(),
+                        Err(e) => e.into_response(),
+                    };
+                    Ok::<_, Infallible>(hyper::Response::from(response))
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                // Idle (no request in progress): closing it loses nothing.
+                _ = evict.cancelled() => return,
+            }
+            let _ = conn.await;
+            drop(_registered);
+        });
+    }
+    // Stop accepting; idle connections close at once, busy ones after their response.
+    drop(listener);
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("connections still open after the shutdown grace period");
+    }
+    Ok(())
+}
+
+/// How long a new connection waits for an evicted idle one to give back its place.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// The open connections, oldest first, with how many requests each has in progress.
+#[derive(Default)]
+struct Connections {
+    next: std::sync::atomic::AtomicU64,
+    open: std::sync::Mutex<std::collections::BTreeMap<u64, Entry>>,
+}
+
+struct Entry {
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+    evict: CancellationToken,
+}
+
+/// Removes a connection from [`Connections`] when its task ends.
+struct Registered {
+    id: u64,
+    all: Arc<Connections>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.all.open.lock() {
+            open.remove(&self.id);
+        }
+    }
+}
+
+impl Connections {
+    fn register(
+        self: &Arc<Self>,
+    ) -> (
+        CancellationToken,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Registered,
+    ) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let evict = CancellationToken::new();
+        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(
+                id,
+                Entry {
+                    busy: Arc::clone(&busy),
+                    evict: evict.clone(),
+                },
+            );
+        }
+        let registered = Registered {
+            id,
+            all: Arc::clone(self),
+        };
+        (evict, busy, registered)
+    }
+
+    /// Close the oldest connection that has no request in progress; false if none is idle.
+    fn evict_oldest(&self) -> bool {
+        let Ok(mut open) = self.open.lock() else {
+            return false;
+        };
+        let idle = open
+            .iter()
+            .find(|(_, e)| e.busy.load(std::sync::atomic::Ordering::SeqCst) == 0)
+            .map(|(id, _)| *id);
+        match idle.and_then(|id| open.remove(&id)) {
+            Some(entry) => {
+                entry.evict.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Counts one request in progress on its connection while alive.
+struct Busy(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Busy {
+    fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> Busy {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Busy(Arc::clone(count))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Errors about one incoming connection, not about the listener: accept again at once.
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted, WouldBlock};
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    )
+}
+
+/// One connection's socket: a write timeout, a token that fires when the peer closes, and
+/// the connection-cap permit, released with the socket.
+struct ConnIo {
+    inner: Pin<Box<TimeoutStream<TcpStream>>>,
+    gone: CancellationToken,
+    metrics: Arc<Metrics>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ConnIo {
+    fn new(
+        tcp: TcpStream,
+        permit: OwnedSemaphorePermit,
+        write_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let mut stream = TimeoutStream::new(tcp);
+        // Only writes: a read is pending for as long as a handler runs (hyper watches
+        // for the peer's EOF), so a read timeout would cut long executions short.
+        stream.set_write_timeout(Some(write_timeout));
+        metrics.connection_opened();
+        ConnIo {
+            inner: Box::pin(stream),
+            gone: CancellationToken::new(),
+            metrics,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for ConnIo {
+    fn drop(&mut self) {
+        self.gone.cancel();
+        self.metrics.connection_closed();
+    }
+}
+
+impl AsyncRead for ConnIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let wanted = buf.remaining() > 0;
+        let polled = self.inner.as_mut().poll_read(cx, buf);
+        match &polled {
+            // End of stream: the client closed its side, so nobody waits for an answer.
+            Poll::Ready(Ok(())) if wanted && buf.filled().len() == before => self.gone.cancel(),
+            Poll::Ready(Err(_)) => self.gone.cancel(),
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for ConnIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner.as_mut().poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.inner.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.inner.as_mut().poll_shutdown(cx)
+    }
+}
+
+/// Raise the soft open-files limit to the hard one (systemd's soft default is 1024), and
+/// check that the hard one leaves room for every connection and every run's descriptors.
+pub fn raise_open_files(needed: u64, what: &str) -> Result<u64, String> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(format!(
+            "cannot read the open-files limit: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+    if lim.rlim_max < needed {
+        return Err(format!(
+            "the open-files hard limit is {} but {what} need {needed}: raise it (`ulimit -Hn`, \
+             systemd `LimitNOFILE=`, docker `--ulimit nofile=`) or lower the setting",
+            lim.rlim_max
+        ));
+    }
+    Ok(lim.rlim_max)
+}
