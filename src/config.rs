@@ -251,6 +251,12 @@ fn refuse_floats(path: &Path) -> Result<(), ConfigError> {
     }
 }
 
+/// Environment variables holding comma-separated lists, and their keys.
+const LIST_VARIABLES: &[(&str, &str)] = &[
+    ("MDE_SERVER__API_KEYS", "server.api_keys"),
+    ("MDE_SANDBOX__RO_BINDS", "sandbox.ro_binds"),
+];
+
 impl Settings {
     /// Defaults, then the optional file, then `MDE_*` variables from `env`.
     ///
@@ -270,28 +276,39 @@ impl Settings {
                     .required(true),
             );
         }
-        let vars: config::Map<String, String> = env
+        // `MDE_CONFIG` names the file (the CLI reads it); it is not a setting.
+        let mut vars: config::Map<String, String> = env
             .into_iter()
-            .filter(|(key, _)| key.starts_with("MDE_"))
+            .filter(|(key, _)| key.starts_with("MDE_") && key != "MDE_CONFIG")
             .collect();
+        // Lists are split here, because the crate splits them only with `try_parsing`, and
+        // each item trimmed: `MDE_SERVER__API_KEYS="k1, k2"` means "k1" and "k2", never " k2".
+        let mut lists = Vec::new();
+        for (var, key) in LIST_VARIABLES {
+            if let Some(value) = vars.remove(*var) {
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                lists.push((*key, items));
+            }
+        }
         builder = builder.add_source(
             config::Environment::with_prefix("MDE")
                 .prefix_separator("_")
                 .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("sandbox.ro_binds")
-                .with_list_parse_key("server.api_keys")
                 // Values stay strings, and serde parses each into its field's type: with
                 // `try_parsing` the crate would coerce `1500.7` into an integer and wrap
                 // `99999999999999999999` around instead of refusing them.
                 .try_parsing(false)
                 .source(Some(vars)),
         );
-        let mut settings: Settings = builder.build()?.try_deserialize()?;
-        // `MDE_SERVER__API_KEYS="k1, k2"` means "k1" and "k2", never " k2".
-        for key in &mut settings.server.api_keys {
-            *key = key.trim().to_string();
+        for (key, items) in lists {
+            builder = builder.set_override(key, items)?;
         }
+        let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
         Ok(settings)
     }

@@ -371,6 +371,57 @@ async fn the_run_stage_after_a_compile_gets_the_requested_disk_limit() {
     .await;
 }
 
+/// A 20 MiB program that deletes itself, then fills the work dir: the room its binary
+/// took must not become the run's.
+const C_SELF_DELETER: &str = r#"#include <stdio.h>
+#include <signal.h>
+#include <unistd.h>
+static char big[20 << 20] = {1};
+static char chunk[65536];
+int main(void) {
+    signal(SIGXFSZ, SIG_IGN);
+    printf("unlink %d\n", unlink("main"));
+    FILE *f = fopen("/tmp/fill", "wb");
+    if (!f) { printf("tmp 0\n"); return 0; }
+    setvbuf(f, NULL, _IONBF, 0);
+    long total = 0;
+    for (int i = 0; i < 640; i++) {
+        size_t n = fwrite(chunk, 1, sizeof chunk, f);
+        total += (long)n;
+        if (n < sizeof chunk) break;
+    }
+    printf("tmp %ld\n", total);
+    return big[0] == 1 ? 0 : 1;
+}
+"#;
+
+#[tokio::test]
+async fn a_compiled_program_cannot_free_its_own_binary_to_pass_the_disk_limit() {
+    bounded(120, async {
+        if !installed_or_skip("gcc", "the self-deleting program") {
+            return;
+        }
+        let t = app_with(test_settings()).await;
+        if !t.app.state.executor.info().sized_workdir {
+            println!("SKIPPED: no sized work dir here (the daemon is not root)");
+            return;
+        }
+        let r = t
+            .execute(json!({"runtime": "c", "code": C_SELF_DELETER,
+                            "limits": {"workdir_bytes": MIB, "file_size_bytes": 128 * MIB}}))
+            .await;
+        assert_eq!(r["compile"]["status"], "ok", "{r}");
+        let out = stdout_of(&r["run"]);
+        assert!(out.starts_with("unlink -1"), "the binary stays: {r}");
+        let written = number_after(out, "tmp ").unwrap_or(i64::MAX);
+        assert!(
+            (0..=MIB as i64).contains(&written),
+            "{written} bytes written under a 1 MiB work dir: {r}"
+        );
+    })
+    .await;
+}
+
 /// Prints `NAME RC ERRNO` for each call.
 const NOTIFY_CALLS: &str = r#"import ctypes
 libc = ctypes.CDLL(None, use_errno=True)

@@ -3,64 +3,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bounded, repo_path};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-struct Daemon {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Daemon {
-    /// Stop it the way an operator would (SIGTERM), so it cleans up its slots.
-    fn drop(&mut self) {
-        common::stop_gracefully(&mut self.child);
-    }
-}
-
-fn command(port: u16) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mixed-docker-executor"));
-    cmd.current_dir(repo_path(""))
-        .env("MDE_SERVER__PORT", port.to_string())
-        .env("MDE_RUNTIMES__WATCH", "false")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-async fn start(extra_env: &[(&str, &str)]) -> Daemon {
-    let port = free_port();
-    let mut cmd = command(port);
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().expect("the binary starts");
-    let base = format!("http://127.0.0.1:{port}");
-    let mut daemon = Daemon { child, base };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(resp) = reqwest::get(format!("{}/health", daemon.base)).await {
-            if resp.status().is_success() {
-                return daemon;
-            }
-        }
-        if let Ok(Some(status)) = daemon.child.try_wait() {
-            panic!("daemon exited early with {status}");
-        }
-        assert!(Instant::now() < deadline, "daemon did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use common::{bounded, command, free_port, repo_path, start};
 
 #[tokio::test]
 async fn serves_the_original_contract_and_stops_on_sigterm() {
@@ -228,6 +174,55 @@ async fn a_dead_daemons_leftovers_are_swept_at_start() {
             "the next daemon removes it: {}",
             root.display()
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_renamed_binary_keeps_the_in_sandbox_helper() {
+    bounded(60, async {
+        // The helper modes used to be found only under the binary's own name: renamed,
+        // the daemon ran without its helper, and bubblewrap's dumpable init was pid 1.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let renamed = dir.path().join("mde");
+        std::fs::copy(env!("CARGO_BIN_EXE_mixed-docker-executor"), &renamed).expect("copy");
+        let port = free_port();
+        let mut cmd = Command::new(&renamed);
+        cmd.current_dir(repo_path(""))
+            .env("MDE_SERVER__PORT", port.to_string())
+            .env("MDE_RUNTIMES__WATCH", "false")
+            .env("MDE_SANDBOX__UID_BASE", "65700")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().expect("the renamed binary starts");
+        let daemon = common::Daemon {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+        };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client
+            .get(format!("{}/health", daemon.base))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the renamed daemon did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let code = "print(open('/proc/1/cmdline','rb').read().split(b'\\0')[1].decode())\ntry:\n    open('/proc/1/mem','rb').read(1)\n    print('mem open')\nexcept OSError:\n    print('mem denied')";
+        let body: serde_json::Value = client
+            .post(format!("{}/submit_code", daemon.base))
+            .json(&serde_json::json!({ "code": code }))
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(body["output"], "__stage-exec\nmem denied\n", "{body}");
+        drop(daemon);
     })
     .await;
 }

@@ -64,6 +64,22 @@ pub struct BodyLimitEndpoint<E> {
     metrics: Arc<Metrics>,
 }
 
+/// A request's share of the body budget.
+struct Share<'a> {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    budget: &'a Semaphore,
+    units: usize,
+}
+
+impl Drop for Share<'_> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        if self.budget.available_permits() == self.units {
+            return_memory_to_the_system();
+        }
+    }
+}
+
 /// Once no body is buffered any more, give freed heap back to the kernel (glibc keeps it
 /// otherwise: a burst of large bodies left 841 MB resident with no connection open). At
 /// most once a second, off the async workers.
@@ -142,6 +158,12 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
                 return Ok(resp);
             }
         };
+        // Whatever the outcome, the share goes back, and freed memory to the system.
+        let _share = Share {
+            permit: Some(permit),
+            budget: &self.budget,
+            units: self.budget_units,
+        };
         let read = tokio::time::timeout(self.timeout, req.take_body().into_bytes_limit(self.max));
         match read.await {
             Ok(Ok(bytes)) => req.set_body(bytes),
@@ -167,11 +189,6 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
         }
         // Held while the request is handled: its body (and what is parsed from it) lives
         // that long.
-        let response = self.inner.call(req).await.map(IntoResponse::into_response);
-        drop(permit);
-        if self.budget.available_permits() == self.budget_units {
-            return_memory_to_the_system();
-        }
-        response
+        self.inner.call(req).await.map(IntoResponse::into_response)
     }
 }

@@ -10,9 +10,9 @@ use crate::runtimes::LookupError;
 #[oai(example)]
 pub struct ErrorBody {
     /// A stable, machine-readable error code: `bad_request`, `payload_too_large`,
-    /// `unknown_runtime`, `version_mismatch`, `runtime_unavailable`, `limit_exceeded`,
-    /// `invalid_file`, `busy`, `not_found`, `method_not_allowed`, `unauthorized`,
-    /// `internal_error`.
+    /// `request_timeout`, `unknown_runtime`, `version_mismatch`, `runtime_unavailable`,
+    /// `limit_exceeded`, `invalid_request`, `busy`, `not_found`, `method_not_allowed`,
+    /// `unauthorized`, `internal_error`.
     pub code: String,
     /// What went wrong, for people.
     pub message: String,

@@ -177,7 +177,7 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = Response> {
     let api_keys = Arc::new(ApiKeys::new(&state.settings.server.api_keys));
     Route::new()
         .at("/openapi.json", spec)
-        .nest("/docs", ui)
+        .nest("/docs", ui.around(read_only))
         .at("/metrics", get(metrics_endpoint))
         .nest("/", api)
         .with(body_limit)
@@ -316,6 +316,26 @@ async fn with_request_id<E: Endpoint>(ep: Arc<E>, mut req: Request) -> poem::Res
     if let Ok(value) = id.parse() {
         resp.headers_mut().insert("x-request-id", value);
     }
+    Ok(resp)
+}
+
+/// Swagger UI is static: only GET and HEAD (anything else is a JSON 405).
+async fn read_only<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response> {
+    if matches!(
+        *req.method(),
+        poem::http::Method::GET | poem::http::Method::HEAD
+    ) {
+        return ep.call(req).await.map(IntoResponse::into_response);
+    }
+    let mut resp = json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on the docs; use GET", req.method()),
+    );
+    resp.headers_mut().insert(
+        poem::http::header::ALLOW,
+        poem::http::HeaderValue::from_static("GET, HEAD"),
+    );
     Ok(resp)
 }
 

@@ -138,6 +138,11 @@ pub(crate) unsafe fn reset_signals() {
     }
 }
 
+/// Every stage's OOM score adjustment: the maximum, so that the OOM killer takes submitted
+/// code before the launcher or the in-sandbox helper (raising needs no privilege).
+pub(crate) const STAGE_OOM_SCORE: &str = "1000";
+pub(crate) const STAGE_OOM_SCORE_C: &std::ffi::CStr = c"1000";
+
 /// Set this process's OOM score adjustment (`-1000` never chosen, `0` the default) with
 /// plain system calls, so it may run between fork and exec.
 pub(crate) fn set_oom_score_adj(value: &std::ffi::CStr) -> std::io::Result<()> {

@@ -592,8 +592,13 @@ impl Executor {
                 };
             }
             compile_report = Some(report);
-            // The tmpfs was sized for the compile: `workdir_bytes` holds for the run too.
-            if let Err(e) = self.slots.resize(slot_index, request.limits.workdir_bytes) {
+            // The tmpfs was sized for the compile: `workdir_bytes` holds for the run too, and
+            // the compiler's output cannot be deleted to make room.
+            if let Err(e) = self
+                .slots
+                .seal_compile_output(slot_index)
+                .and_then(|()| self.slots.resize(slot_index, request.limits.workdir_bytes))
+            {
                 return ExecutionReport {
                     compile: compile_report,
                     run: Some(StageReport::internal(

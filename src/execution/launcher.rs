@@ -129,7 +129,9 @@ fn read_frame<T: for<'de> Deserialize<'de>>(stream: &mut StdUnixStream) -> Optio
 /// Entry point of `mixed-docker-executor __slot-launcher`. Serves one stage at a time until
 /// the daemon closes the socket (or dies: the launcher has PDEATHSIG).
 pub fn launcher_main() -> ! {
-    // Never the OOM killer's choice inside the slot's memory cgroup; stages reset this.
+    // Never the OOM killer's choice inside the slot's memory cgroup (lowering the score
+    // takes CAP_SYS_RESOURCE, which some containers lack: stages also raise theirs to the
+    // maximum, which needs no privilege and makes them the first choice either way).
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     // Processes a stage leaves behind (killed with its pid namespace) are reparented here,
     // not to the host's init, so they are reaped at once: until then they would count
@@ -268,7 +270,7 @@ fn serve_one(stream: &mut StdUnixStream, spec: SpawnSpec, fds: Vec<OwnedFd>) {
         unsafe {
             libc::setpgid(0, 0);
             if !spec.oom_protected {
-                let _ = std::fs::write("/proc/self/oom_score_adj", "0");
+                let _ = std::fs::write("/proc/self/oom_score_adj", super::child::STAGE_OOM_SCORE);
             }
             for (target, &fd) in raw[..3].iter().enumerate() {
                 libc::dup2(fd, target as c_int);

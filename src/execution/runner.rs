@@ -276,7 +276,11 @@ fn spawn_direct(cmd: SandboxCommand, ctx: &RunContext<'_>) -> Result<Spawned, St
         return Err("too many descriptors to pass".into());
     }
     let uid = ctx.uid;
-    let oom_score: &'static std::ffi::CStr = if cmd.oom_protected { c"-1000" } else { c"0" };
+    let oom_score: &'static std::ffi::CStr = if cmd.oom_protected {
+        c"-1000"
+    } else {
+        super::child::STAGE_OOM_SCORE_C
+    };
     // SAFETY: the closure runs in the child between fork and exec. It only makes
     // async-signal-safe system calls on memory captured before the fork; no allocation.
     unsafe {
@@ -289,8 +293,9 @@ fn spawn_direct(cmd: SandboxCommand, ctx: &RunContext<'_>) -> Result<Spawned, St
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            // As root, before the uid drop: lowering the score needs the privilege.
-            super::child::set_oom_score_adj(oom_score)?;
+            // As root, before the uid drop: lowering the score needs the privilege (best
+            // effort: without CAP_SYS_RESOURCE the stage's raised score does the job).
+            let _ = super::child::set_oom_score_adj(oom_score);
             let mut scratch = [0 as c_int; MAX_PASS_FDS];
             prepare_child(&pass_fds, &mut scratch, &limits_list, uid)
         });

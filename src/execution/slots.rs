@@ -271,6 +271,46 @@ impl SlotPool {
         Ok(())
     }
 
+    /// After a compile: hand what it left at the top of `box/` and `tmp/` to root (readable,
+    /// and executable where it was), and make both dirs sticky. The run stage can still
+    /// create files there, but can neither delete nor truncate the compiler's output: with
+    /// the tmpfs sized to `max(workdir_bytes, used)`, deleting its own 120 MB binary would
+    /// otherwise have given a run 120 MB to write under a 1 MiB `workdir_bytes`. Only the
+    /// top level is walked (one `readdir`, no recursion): files inside a compiled
+    /// directory stay the slot's, and the dir itself becomes root's, so none can be removed.
+    pub(crate) fn seal_compile_output(&self, index: usize) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let slot = self.slots.get(index).ok_or("no such slot")?;
+        if slot.uid.is_none() {
+            return Ok(());
+        }
+        for sub in ["box", "tmp"] {
+            let dir = slot.dir.join(sub);
+            let entries =
+                std::fs::read_dir(&dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(meta) = path.symlink_metadata() else {
+                    continue;
+                };
+                std::os::unix::fs::lchown(&path, Some(0), Some(0))
+                    .map_err(|e| format!("chown {}: {e}", path.display()))?;
+                if meta.file_type().is_symlink() {
+                    continue;
+                }
+                let mode = meta.permissions().mode();
+                // Everyone may read it, whoever could execute it still can, and no set-id.
+                let mode = mode | 0o444 | if mode & 0o100 != 0 { 0o111 } else { 0 };
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o555))
+                    .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+            }
+            std::os::unix::fs::lchown(&dir, Some(0), Some(0))
+                .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+            set_mode(&dir, 0o1777)?;
+        }
+        Ok(())
+    }
+
     /// Make the slot's `box/` and `tmp/` new and empty, owned by the slot's uid, whatever
     /// the last run left there (a tree 15,000 directories deep, a million files).
     ///

@@ -156,14 +156,16 @@ impl ChildCommand {
     fn run(&self) -> ! {
         // SAFETY: we are the forked child, about to exec.
         unsafe { super::child::reset_signals() };
-        // We (pid 1) are immune to the OOM killer; the stage must not be: a run over its
-        // memory limit would otherwise hang in the cgroup's OOM instead of being killed.
+        // We (pid 1) must never be the OOM killer's choice, the stage always is: we are
+        // immune where the host lets the launcher lower scores, and the stage's maximum
+        // score makes it (and its children) the first victim either way, in the slot's
+        // cgroup and on the host.
         // Our /proc files belong to root while we are not dumpable, so become dumpable
         // first, as exec would make us anyway (nothing else runs in the sandbox yet, and
         // this copy holds only the stage's own command).
         // SAFETY: a prctl without pointers.
         unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
-        if let Err(e) = super::child::set_oom_score_adj(c"0") {
+        if let Err(e) = super::child::set_oom_score_adj(super::child::STAGE_OOM_SCORE_C) {
             fail(&format!("resetting the OOM score: {e}"));
         }
         let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {

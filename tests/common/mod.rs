@@ -1,10 +1,12 @@
 //! Shared test environment: an app built from the repo's real runtimes.toml, request
-//! helpers that return status + JSON, and a bound on every async test.
+//! helpers that return status + JSON, a bound on every async test, and the real binary
+//! started on a free port.
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use mixed_docker_executor::app::App;
 use mixed_docker_executor::config::Settings;
@@ -175,4 +177,79 @@ pub fn stop_gracefully(child: &mut std::process::Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The real binary, serving on `port`; stopped with SIGTERM when dropped.
+pub struct Daemon {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    pub port: u16,
+}
+
+impl Daemon {
+    /// `127.0.0.1:PORT`, for raw sockets.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Daemon {
+    /// Stop it the way an operator would (SIGTERM), so it cleans up its slots.
+    fn drop(&mut self) {
+        stop_gracefully(&mut self.child);
+    }
+}
+
+/// The binary set to serve on `port` from the repo's directory (so its runtimes.toml), no
+/// file watching, logs piped.
+pub fn command(port: u16) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mixed-docker-executor"));
+    cmd.current_dir(repo_path(""))
+        .env("MDE_SERVER__PORT", port.to_string())
+        .env("MDE_RUNTIMES__WATCH", "false")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Start the binary on a free port with `extra_env` on top of [`command`]'s, and wait (up to
+/// 30 s) until `/health` answers.
+pub async fn start(extra_env: &[(&str, &str)]) -> Daemon {
+    start_with_args(&[], extra_env).await
+}
+
+/// [`start`], with command-line arguments (`--config FILE`).
+pub async fn start_with_args(args: &[&str], extra_env: &[(&str, &str)]) -> Daemon {
+    let port = free_port();
+    let mut cmd = command(port);
+    cmd.args(args);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("the binary starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let mut daemon = Daemon { child, base, port };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(resp) = reqwest::get(format!("{}/health", daemon.base)).await {
+            if resp.status().is_success() {
+                return daemon;
+            }
+        }
+        if let Ok(Some(status)) = daemon.child.try_wait() {
+            panic!("daemon exited early with {status}");
+        }
+        assert!(Instant::now() < deadline, "daemon did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

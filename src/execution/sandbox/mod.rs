@@ -37,7 +37,7 @@ pub struct StagePlan<'a> {
 pub struct SandboxCommand {
     /// Its first process (bubblewrap, then the stage-exec helper as pid 1) must never be
     /// the OOM killer's choice inside the slot's memory cgroup: killing it would lose the
-    /// run's status. The helper resets the stage it forks to the default score.
+    /// run's status. The helper gives the stage it forks the maximum score.
     pub oom_protected: bool,
     pub program: PathBuf,
     pub args: Vec<OsString>,
