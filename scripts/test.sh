@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+python3 scripts/check-structure.py --self-test; python3 scripts/check-structure.py  # `;`: set -e ignores a failure left of `&&`
 cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-4}"
 monitoring/check.sh

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::api::{self, AppState};
 use crate::config::{ConfigError, Settings};
-use crate::execution::{ExecutionObserver, Executor};
+use crate::execution::{ExecutionObserver, Executor, ExecutorOptions};
 use crate::metrics::Metrics;
 use crate::runtimes::reload::{ReloadObserver, Reloader};
 use crate::runtimes::{self, RuntimeRegistry, RuntimesError};
@@ -18,11 +18,24 @@ pub enum StartError {
     #[error(transparent)]
     Runtimes(#[from] RuntimesError),
     #[error("sandbox: {0}")]
-    Sandbox(String),
+    Sandbox(#[from] crate::execution::ExecutorError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("host: {0}")]
-    Host(String),
+    Host(#[from] crate::server::OpenFilesError),
+}
+
+/// The executor's part of the settings.
+fn executor_options(settings: &Settings) -> ExecutorOptions {
+    ExecutorOptions {
+        slots: settings.slots(),
+        queue_size: settings.execution.queue_size,
+        max_queue_wait: std::time::Duration::from_millis(settings.execution.max_queue_wait_ms),
+        work_root: settings.execution.work_root.clone(),
+        workdir_bytes: settings.limits.workdir_bytes,
+        max_limits: settings.max_limits,
+        sandbox: settings.sandbox.clone(),
+    }
 }
 
 /// Descriptors the daemon keeps for itself beyond connections (slots' pipes, cgroup files,
@@ -47,14 +60,13 @@ impl App {
                 "max_limits.open_files ({}), server.max_connections ({}) and the daemon's own ({OWN_DESCRIPTORS})",
                 settings.max_limits.open_files, settings.server.max_connections
             ),
-        )
-        .map_err(StartError::Host)?;
+        )?;
         let metrics = Metrics::new(settings.slots(), settings.execution.queue_size)?;
         let set = runtimes::load(&settings.runtimes.file, &settings).await?;
         metrics.set_runtimes(&set);
         let registry = RuntimeRegistry::new(set);
         let observer: Arc<dyn ExecutionObserver> = metrics.clone();
-        let executor = Executor::new(&settings, observer).map_err(StartError::Sandbox)?;
+        let executor = Executor::new(executor_options(&settings), observer)?;
         let reload_observer: Arc<dyn ReloadObserver> = metrics.clone();
         let reloader = Reloader::new(Arc::clone(&settings), registry.clone(), reload_observer);
         let executor = Arc::new(executor);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::execution::Limits;
+use crate::limits::{InvalidLimit, Limits};
 
 /// Errors that stop start-up. Each names the key or file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +17,8 @@ pub enum ConfigError {
     Load(#[from] config::ConfigError),
     #[error("configuration key `{key}`: {message}")]
     Invalid { key: String, message: String },
+    #[error(transparent)]
+    Limit(#[from] InvalidLimit),
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -350,7 +352,7 @@ impl Settings {
                 "must be at least server.max_body_bytes (and at most 1 TiB)",
             ));
         }
-        let largest = crate::api::worst_case_response(&self.max_limits, &self.compile_limits);
+        let largest = Limits::answer_bytes_at_most(&self.max_limits, Some(&self.compile_limits));
         if s.max_inflight_response_bytes < largest || s.max_inflight_response_bytes > 1 << 40 {
             return Err(invalid(
                 "server.max_inflight_response_bytes",

@@ -7,7 +7,10 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod error_code;
 pub mod execution;
+pub mod file_names;
+pub mod limits;
 pub mod metrics;
 pub mod runtimes;
 pub mod server;

@@ -10,45 +10,10 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::error_code::ErrorCode;
 use crate::execution::{ExecutionObserver, ExecutionReport, StageStatus};
 use crate::runtimes::RuntimeSet;
 use crate::runtimes::reload::ReloadObserver;
-
-/// Why a request was turned away before any code ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    BadRequest,
-    UnknownRuntime,
-    RuntimeUnavailable,
-    LimitExceeded,
-    PayloadTooLarge,
-    Busy,
-    Unauthorized,
-}
-
-impl RejectReason {
-    pub const ALL: [RejectReason; 7] = [
-        RejectReason::BadRequest,
-        RejectReason::UnknownRuntime,
-        RejectReason::RuntimeUnavailable,
-        RejectReason::LimitExceeded,
-        RejectReason::PayloadTooLarge,
-        RejectReason::Busy,
-        RejectReason::Unauthorized,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::BadRequest => "bad_request",
-            RejectReason::UnknownRuntime => "unknown_runtime",
-            RejectReason::RuntimeUnavailable => "runtime_unavailable",
-            RejectReason::LimitExceeded => "limit_exceeded",
-            RejectReason::PayloadTooLarge => "payload_too_large",
-            RejectReason::Busy => "busy",
-            RejectReason::Unauthorized => "unauthorized",
-        }
-    }
-}
 
 /// The HTTP guards that turn a client away before any request is read (see `server.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,7 +194,7 @@ impl Metrics {
         for result in ["success", "failure"] {
             reloads.with_label_values(&[result]);
         }
-        for reason in RejectReason::ALL {
+        for reason in ErrorCode::REJECT_REASONS {
             rejected.with_label_values(&[reason.as_str()]);
         }
 
@@ -293,21 +258,22 @@ impl Metrics {
         }
     }
 
-    pub fn rejected(&self, reason: RejectReason) {
+    /// A submission turned away before any code ran, counted under its code's group.
+    pub fn rejected(&self, code: ErrorCode) {
+        let reason = code.reject_reason();
         self.rejected.with_label_values(&[reason.as_str()]).inc();
     }
 
     /// The text exposition of every metric. The gauges of running and waiting executions
     /// are read from the executor at scrape time, so they can never drift.
-    pub fn render(&self, load: Load) -> Result<String, String> {
+    pub fn render(&self, load: Load) -> Result<String, prometheus::Error> {
         self.in_flight.set(load.running as i64);
         self.queue_depth.set(load.waiting as i64);
         self.slots_out_of_service.set(load.out_of_service as i64);
         let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .map_err(|e| e.to_string())?;
-        String::from_utf8(buf).map_err(|e| e.to_string())
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        // The text format is UTF-8 by construction.
+        Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 }
 

@@ -63,9 +63,19 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// How long to wait before accepting again after an accept error such as EMFILE.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-Content-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 72\r\n\r\n\
-{\"code\":\"busy\",\"message\":\"too many open connections; retry in a second\"}";
+/// The canned answer to a connection over the cap (written without blocking, then closed).
+fn at_capacity() -> Vec<u8> {
+    let body = format!(
+        r#"{{"code":"{}","message":"too many open connections; retry in a second"}}"#,
+        crate::error_code::ErrorCode::Busy.as_str()
+    );
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
 
 /// Serve `endpoint` on `listener` until `shutdown` resolves, then let open connections
 /// finish their requests for up to `grace`.
@@ -83,6 +93,7 @@ where
     let endpoint = Arc::new(endpoint);
     let local = LocalAddr(listener.local_addr()?.into());
     let open = Arc::new(Semaphore::new(limits.max_connections));
+    let at_capacity = at_capacity();
     let tracker = TaskTracker::new();
     let idle = Arc::new(Connections::default());
     let stop = CancellationToken::new();
@@ -116,7 +127,7 @@ where
         let Some(permit) = permit else {
             metrics.http_refused(HttpGuard::Connections);
             // Best effort and never blocking: a full socket buffer just loses the body.
-            let _ = tcp.try_write(AT_CAPACITY);
+            let _ = tcp.try_write(&at_capacity);
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -345,19 +356,32 @@ impl AsyncWrite for ConnIo {
     }
 }
 
+/// The open-files limit cannot hold what the settings need.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenFilesError {
+    #[error("cannot read the open-files limit: {0}")]
+    Read(#[source] std::io::Error),
+    #[error(
+        "the open-files hard limit is {hard} but {what} need {needed}: raise it (`ulimit -Hn`, \
+         systemd `LimitNOFILE=`, docker `--ulimit nofile=`) or lower the setting"
+    )]
+    TooLow {
+        hard: u64,
+        needed: u64,
+        what: String,
+    },
+}
+
 /// Raise the soft open-files limit to the hard one (systemd's soft default is 1024), and
 /// check that the hard one leaves room for every connection and every run's descriptors.
-pub fn raise_open_files(needed: u64, what: &str) -> Result<u64, String> {
+pub fn raise_open_files(needed: u64, what: &str) -> Result<u64, OpenFilesError> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit with a valid struct.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(format!(
-            "cannot read the open-files limit: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(OpenFilesError::Read(std::io::Error::last_os_error()));
     }
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
@@ -365,11 +389,11 @@ pub fn raise_open_files(needed: u64, what: &str) -> Result<u64, String> {
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     }
     if lim.rlim_max < needed {
-        return Err(format!(
-            "the open-files hard limit is {} but {what} need {needed}: raise it (`ulimit -Hn`, \
-             systemd `LimitNOFILE=`, docker `--ulimit nofile=`) or lower the setting",
-            lim.rlim_max
-        ));
+        return Err(OpenFilesError::TooLow {
+            hard: lim.rlim_max,
+            needed,
+            what: what.to_string(),
+        });
     }
     Ok(lim.rlim_max)
 }

@@ -895,7 +895,8 @@ async fn a_reload_cannot_turn_isolation_off_for_a_runtime() {
             .reloader
             .reload()
             .await
-            .expect_err("the reload is refused");
+            .expect_err("the reload is refused")
+            .to_string();
         assert!(
             err.contains("`backend`") && err.contains("allow_unsandboxed_runtimes"),
             "{err}"

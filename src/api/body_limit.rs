@@ -12,7 +12,7 @@ use poem::http::StatusCode;
 use poem::{Endpoint, IntoResponse, Middleware, Request, Response, Result};
 use tokio::sync::Semaphore;
 
-use super::errors::ErrorBody;
+use super::errors::{ErrorCode, json_error, json_error_with_status};
 use crate::metrics::{HttpGuard, Metrics};
 
 /// The budget counts in KiB, so a terabyte fits the semaphore's `u32` acquisitions.
@@ -98,20 +98,13 @@ fn return_memory_to_the_system() {
     });
 }
 
-pub(crate) fn json_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    let body = ErrorBody::new(code, message);
-    let json = serde_json::json!({ "code": body.code, "message": body.message });
-    poem::web::Json(json).with_status(status).into_response()
-}
-
 impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
     type Output = Response;
 
     async fn call(&self, mut req: Request) -> Result<Self::Output> {
         let too_large = || {
             json_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                ErrorCode::PayloadTooLarge,
                 format!(
                     "request body is larger than the limit of {} bytes",
                     self.max
@@ -148,9 +141,10 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
             Ok(Ok(permit)) => permit,
             _ => {
                 self.metrics.http_refused(HttpGuard::BodyBudget);
-                let mut resp = json_error(
+                // Busy like a full queue, but 503: the daemon, not its slots, is full.
+                let mut resp = json_error_with_status(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "busy",
+                    ErrorCode::Busy,
                     "too many request bodies are being received; retry in a second",
                 );
                 resp.headers_mut()
@@ -169,17 +163,12 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
             Ok(Ok(bytes)) => req.set_body(bytes),
             Ok(Err(poem::error::ReadBodyError::PayloadTooLarge)) => return Ok(too_large()),
             Ok(Err(e)) => {
-                return Ok(json_error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    e.to_string(),
-                ));
+                return Ok(json_error(ErrorCode::BadRequest, e.to_string()));
             }
             Err(_) => {
                 self.metrics.http_refused(HttpGuard::BodyTimeout);
                 return Ok(json_error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
+                    ErrorCode::RequestTimeout,
                     format!(
                         "the request body did not arrive within {} ms",
                         self.timeout.as_millis()

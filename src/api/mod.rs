@@ -5,8 +5,10 @@ pub mod body_limit;
 pub mod errors;
 pub mod health;
 mod response_budget;
-pub(crate) use response_budget::{ResponseBudget, worst_case_for as worst_case_response};
+pub(crate) use response_budget::ResponseBudget;
 pub mod submit;
+#[cfg(test)]
+mod tests;
 pub mod text;
 pub mod v1;
 
@@ -14,17 +16,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use poem::http::StatusCode;
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, get, handler};
 use poem_openapi::{OpenApiService, Tags};
 
 use crate::config::Settings;
 use crate::execution::{ExecutionReport, ExecutionRequest, Executor};
-use crate::metrics::{Metrics, RejectReason};
+use crate::metrics::Metrics;
 use crate::runtimes::RuntimeRegistry;
 use crate::runtimes::reload::Reloader;
-use body_limit::{BodyLimit, json_error};
-use errors::ApiError;
+use body_limit::BodyLimit;
+use errors::{ApiError, ErrorCode, json_error, json_error_with_status};
 
 #[derive(Tags)]
 pub(crate) enum ApiTags {
@@ -183,14 +184,11 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = Response> {
         .with(body_limit)
         .catch_all_error(|err: poem::Error| async move {
             let status = err.status();
-            let code = match status {
-                StatusCode::NOT_FOUND => "not_found",
-                StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-                StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-                s if s.is_server_error() => "internal_error",
-                _ => "bad_request",
-            };
-            json_error(status, code, err.to_string())
+            json_error_with_status(
+                status,
+                ErrorCode::for_status(status),
+                errors::describe_error(&err),
+            )
         })
         .around(move |ep, req| require_api_key(ep, req, Arc::clone(&api_keys)))
         .around(move |ep, req| count_rejections(ep, req, Arc::clone(&metrics)))
@@ -208,7 +206,7 @@ async fn metrics_endpoint(state: poem::web::Data<&AppState>) -> Response {
         Ok(text) => text
             .with_content_type("text/plain; version=0.0.4; charset=utf-8")
             .into_response(),
-        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", e),
+        Err(e) => json_error(ErrorCode::InternalError, e.to_string()),
     }
 }
 
@@ -277,8 +275,7 @@ async fn require_api_key<E: Endpoint>(
         return ep.call(req).await.map(IntoResponse::into_response);
     }
     let mut resp = json_error(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
+        ErrorCode::Unauthorized,
         "a valid API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
     );
     resp.headers_mut().insert(
@@ -328,8 +325,7 @@ async fn read_only<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Respon
         return ep.call(req).await.map(IntoResponse::into_response);
     }
     let mut resp = json_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         format!("{} is not allowed on the docs; use GET", req.method()),
     );
     resp.headers_mut().insert(
@@ -339,7 +335,8 @@ async fn read_only<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Respon
     Ok(resp)
 }
 
-/// Count every submission turned away before execution, by the error code in its body.
+/// Count every submission turned away before execution (a 4xx answer), by the error code
+/// its builder left in the response's extensions (see `errors::ErrorJson`).
 async fn count_rejections<E: Endpoint>(
     ep: Arc<E>,
     req: Request,
@@ -347,25 +344,16 @@ async fn count_rejections<E: Endpoint>(
 ) -> poem::Result<Response> {
     let is_submission = req.method() == poem::http::Method::POST
         && matches!(req.uri().path(), "/submit_code" | "/api/v1/execute");
-    let mut resp = ep.call(req).await?.into_response();
-    if !is_submission || !resp.status().is_client_error() {
-        return Ok(resp);
+    let resp = ep.call(req).await?.into_response();
+    if is_submission && resp.status().is_client_error() {
+        // Every error answer is built with its code (one without would count as an
+        // unreadable body did: `bad_request`).
+        let code = resp
+            .extensions()
+            .get::<ErrorCode>()
+            .copied()
+            .unwrap_or(ErrorCode::BadRequest);
+        metrics.rejected(code);
     }
-    let body = resp.take_body().into_bytes().await.unwrap_or_default();
-    let code = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.get("code").and_then(|c| c.as_str()).map(str::to_string))
-        .unwrap_or_default();
-    let reason = match code.as_str() {
-        "payload_too_large" => RejectReason::PayloadTooLarge,
-        "unknown_runtime" | "version_mismatch" => RejectReason::UnknownRuntime,
-        "runtime_unavailable" => RejectReason::RuntimeUnavailable,
-        "limit_exceeded" => RejectReason::LimitExceeded,
-        "busy" => RejectReason::Busy,
-        "unauthorized" => RejectReason::Unauthorized,
-        _ => RejectReason::BadRequest,
-    };
-    metrics.rejected(reason);
-    resp.set_body(body);
     Ok(resp)
 }

@@ -20,22 +20,14 @@ use crate::execution::{ExecutionRequest, Limits};
 
 /// The budget counts in KiB, so large budgets fit the semaphore's `u32` acquisitions.
 const UNIT: u64 = 1024;
-/// Room for everything in an answer besides the streams (fields, times, names).
-const ENVELOPE_BYTES: u64 = 64 * 1024;
-
 /// The most an answer to `request` can hold, as JSON.
 pub(crate) fn worst_case_bytes(request: &ExecutionRequest) -> u64 {
-    let stage = |l: &Limits| 2 * 2 * l.output_bytes;
-    let compile = match request.runtime.compile {
-        Some(_) => stage(&request.runtime.compile_limits),
-        None => 0,
-    };
-    stage(&request.limits) + compile + ENVELOPE_BYTES
-}
-
-/// The same bound from limits alone (to check the configured budget fits the largest).
-pub(crate) fn worst_case_for(run: &Limits, compile: &Limits) -> u64 {
-    2 * 2 * (run.output_bytes + compile.output_bytes) + ENVELOPE_BYTES
+    let compile = request
+        .runtime
+        .compile
+        .as_ref()
+        .map(|_| &request.runtime.compile_limits);
+    Limits::answer_bytes_at_most(&request.limits, compile)
 }
 
 #[derive(Clone)]

@@ -3,7 +3,7 @@
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
-use super::errors::{ApiError, ErrorBody, error_variants};
+use super::errors::{ApiError, ErrorBody, ErrorCode, ErrorJson, error_variants};
 use super::text::Text;
 use super::{ApiTags, AppState, RequestId};
 use crate::execution::{ExecutionReport, ExecutionRequest, LimitKind, StageStatus};
@@ -70,22 +70,22 @@ pub enum SubmitResponse {
     Ok(Json<SubmitCodeResponse>),
     /// The body is not valid JSON or lacks `code`.
     #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
+    BadRequest(ErrorJson),
     /// A valid API key is required (only when `server.api_keys` is set).
     #[oai(status = 401)]
-    Unauthorized(Json<ErrorBody>),
+    Unauthorized(ErrorJson),
     /// The body is larger than `server.max_body_bytes`.
     #[oai(status = 413)]
-    PayloadTooLarge(Json<ErrorBody>),
+    PayloadTooLarge(ErrorJson),
     /// The runtime is unknown or not installed on this server.
     #[oai(status = 422)]
-    Unprocessable(Json<ErrorBody>),
+    Unprocessable(ErrorJson),
     /// Every slot is busy and the queue is full; retry after the given seconds.
     #[oai(status = 429)]
-    Busy(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+    Busy(ErrorJson, #[oai(header = "Retry-After")] u64),
     /// The sandbox failed; not caused by the request.
     #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
+    Internal(ErrorJson),
 }
 
 error_variants!(SubmitResponse);
@@ -117,13 +117,17 @@ impl SubmitApi {
         };
         let request = ExecutionRequest::single_file(runtime, body.code.into_string());
         if let Err(e) = request.validate() {
-            return ApiError::Unprocessable(ErrorBody::new("invalid_request", e)).into();
+            return ApiError::Unprocessable(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                e.to_string(),
+            ))
+            .into();
         }
         match state.run(&request_id, request).await {
             Ok(report) => match to_seed_shape(&report) {
                 Some(response) => SubmitResponse::Ok(Json(response)),
                 None => ApiError::Internal(ErrorBody::new(
-                    "internal_error",
+                    ErrorCode::InternalError,
                     report
                         .final_stage()
                         .and_then(|s| s.message.clone())

@@ -84,29 +84,42 @@ impl ToJSON for Text {
 }
 
 // ---- Field parsers that name the field. poem-openapi's derive says which object failed but
-// not which field, so each string field of a request names itself through
-// `#[oai(deserialize_with = "...")]`.
+// not which field, so each string field of a request, and each integer of its `limits`,
+// names itself through `#[oai(deserialize_with = "...")]` (`errors.rs` then says which
+// object it sits in).
 
-fn wrong_type(field: &str, found: &Value) -> String {
-    format!("`{field}` must be a JSON string, found {found}")
+/// A request field that is missing or of the wrong type; the message names the field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum FieldError {
+    #[error("required field `{0}` is missing")]
+    Missing(String),
+    #[error("`{field}` must be a JSON string, found {found}")]
+    NotString { field: String, found: Value },
+    #[error("`{field}` must be a list of JSON strings, found {found}")]
+    NotList { field: String, found: Value },
+    #[error("`{field}` must be a non-negative integer, found {found}")]
+    NotCount { field: String, found: Value },
 }
 
-fn required(field: &str, value: Option<Value>) -> Result<Text, String> {
+fn required(field: &str, value: Option<Value>) -> Result<Text, FieldError> {
     match value {
         Some(Value::String(s)) => Ok(Text(s)),
-        None | Some(Value::Null) => Err(format!("required field `{field}` is missing")),
-        Some(other) => Err(wrong_type(field, &other)),
+        None | Some(Value::Null) => Err(FieldError::Missing(field.into())),
+        Some(found) => Err(FieldError::NotString {
+            field: field.into(),
+            found,
+        }),
     }
 }
 
-fn optional(field: &str, value: Option<Value>) -> Result<Option<Text>, String> {
+fn optional(field: &str, value: Option<Value>) -> Result<Option<Text>, FieldError> {
     match value {
         None | Some(Value::Null) => Ok(None),
         other => required(field, other).map(Some),
     }
 }
 
-fn optional_list(field: &str, value: Option<Value>) -> Result<Option<Vec<Text>>, String> {
+fn optional_list(field: &str, value: Option<Value>) -> Result<Option<Vec<Text>>, FieldError> {
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Array(items)) => items
@@ -115,9 +128,25 @@ fn optional_list(field: &str, value: Option<Value>) -> Result<Option<Vec<Text>>,
             .map(|(i, item)| required(&format!("{field}[{i}]"), Some(item)))
             .collect::<Result<Vec<_>, _>>()
             .map(Some),
-        Some(other) => Err(format!(
-            "`{field}` must be a list of JSON strings, found {other}"
-        )),
+        Some(found) => Err(FieldError::NotList {
+            field: field.into(),
+            found,
+        }),
+    }
+}
+
+/// A count or size: a JSON integer from 0 to `u64::MAX`, as poem-openapi's `u64` takes.
+fn optional_u64(field: &str, value: Option<Value>) -> Result<Option<u64>, FieldError> {
+    let found = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(found) => found,
+    };
+    match found.as_u64() {
+        Some(n) => Ok(Some(n)),
+        None => Err(FieldError::NotCount {
+            field: field.into(),
+            found,
+        }),
     }
 }
 
@@ -142,10 +171,20 @@ named_parsers! {
     file_name: optional("name") -> Option<Text>;
     file_content: required("content") -> Text;
     args: optional_list("args") -> Option<Vec<Text>>;
+    wall_time_ms: optional_u64("wall_time_ms") -> Option<u64>;
+    cpu_time_ms: optional_u64("cpu_time_ms") -> Option<u64>;
+    memory_bytes: optional_u64("memory_bytes") -> Option<u64>;
+    processes: optional_u64("processes") -> Option<u64>;
+    file_size_bytes: optional_u64("file_size_bytes") -> Option<u64>;
+    open_files: optional_u64("open_files") -> Option<u64>;
+    output_bytes: optional_u64("output_bytes") -> Option<u64>;
+    workdir_bytes: optional_u64("workdir_bytes") -> Option<u64>;
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -161,19 +200,29 @@ mod tests {
     #[test]
     fn field_parsers_name_the_field() {
         assert_eq!(
-            required("code", Some(Value::from(42))).err().as_deref(),
-            Some("`code` must be a JSON string, found 42")
+            required("code", Some(Value::from(42))).map_err(|e| e.to_string()),
+            Err("`code` must be a JSON string, found 42".to_string())
         );
         assert_eq!(
-            required("code", None).err().as_deref(),
-            Some("required field `code` is missing")
+            required("code", None).map_err(|e| e.to_string()),
+            Err("required field `code` is missing".to_string())
         );
         assert_eq!(optional("stdin", Some(Value::Null)), Ok(None));
+        assert_eq!(optional_u64("processes", Some(Value::from(8))), Ok(Some(8)));
+        assert_eq!(optional_u64("processes", None), Ok(None));
+        for bad in [json!(-1), json!(1.5), json!("8"), json!(true)] {
+            assert_eq!(
+                optional_u64("processes", Some(bad.clone()))
+                    .err()
+                    .map(|e| e.to_string()),
+                Some(format!(
+                    "`processes` must be a non-negative integer, found {bad}"
+                ))
+            );
+        }
         assert_eq!(
-            optional_list("args", Some(serde_json::json!(["a", 1])))
-                .err()
-                .as_deref(),
-            Some("`args[1]` must be a JSON string, found 1")
+            optional_list("args", Some(serde_json::json!(["a", 1]))).map_err(|e| e.to_string()),
+            Err("`args[1]` must be a JSON string, found 1".to_string())
         );
     }
 }

@@ -6,7 +6,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 
-use super::errors::{ApiError, ErrorBody, error_variants};
+use super::errors::{ApiError, ErrorBody, ErrorCode, ErrorJson, error_variants};
 use super::text::Text;
 use super::{ApiTags, AppState, RequestId};
 use crate::execution::{
@@ -49,21 +49,29 @@ pub struct FileInput {
 #[oai(deny_unknown_fields)]
 pub struct RequestLimits {
     /// Wall-clock time of the run stage in milliseconds.
+    #[oai(deserialize_with = "super::text::wall_time_ms")]
     pub wall_time_ms: Option<u64>,
     /// CPU time in milliseconds, of the whole process tree where the host's cgroups count
     /// it (see `cpu_enforcement` in `GET /health`); else per process, in whole seconds.
+    #[oai(deserialize_with = "super::text::cpu_time_ms")]
     pub cpu_time_ms: Option<u64>,
     /// Memory in bytes.
+    #[oai(deserialize_with = "super::text::memory_bytes")]
     pub memory_bytes: Option<u64>,
     /// Processes and threads.
+    #[oai(deserialize_with = "super::text::processes")]
     pub processes: Option<u64>,
     /// Largest file the program may write, in bytes.
+    #[oai(deserialize_with = "super::text::file_size_bytes")]
     pub file_size_bytes: Option<u64>,
     /// Open file descriptors.
+    #[oai(deserialize_with = "super::text::open_files")]
     pub open_files: Option<u64>,
     /// Bytes kept per output stream.
+    #[oai(deserialize_with = "super::text::output_bytes")]
     pub output_bytes: Option<u64>,
     /// Size of the work dir plus /tmp, in bytes.
+    #[oai(deserialize_with = "super::text::workdir_bytes")]
     pub workdir_bytes: Option<u64>,
 }
 
@@ -253,23 +261,23 @@ pub enum ExecuteResult {
     Ok(Json<ExecuteResponse>),
     /// The body is not valid JSON or has wrongly typed fields.
     #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
+    BadRequest(ErrorJson),
     /// A valid API key is required (only when `server.api_keys` is set).
     #[oai(status = 401)]
-    Unauthorized(Json<ErrorBody>),
+    Unauthorized(ErrorJson),
     /// The body is larger than `server.max_body_bytes`.
     #[oai(status = 413)]
-    PayloadTooLarge(Json<ErrorBody>),
+    PayloadTooLarge(ErrorJson),
     /// Unknown or unavailable runtime, version mismatch, a limit above the maximum, or
     /// invalid files (`code` says which).
     #[oai(status = 422)]
-    Unprocessable(Json<ErrorBody>),
+    Unprocessable(ErrorJson),
     /// Every slot is busy and the queue is full; retry after the given seconds.
     #[oai(status = 429)]
-    Busy(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+    Busy(ErrorJson, #[oai(header = "Retry-After")] u64),
     /// The daemon failed; not caused by the request.
     #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
+    Internal(ErrorJson),
 }
 
 error_variants!(ExecuteResult);
@@ -305,7 +313,7 @@ impl ExecuteApi {
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::Unprocessable(ErrorBody::new("invalid_request", message))
+    ApiError::Unprocessable(ErrorBody::new(ErrorCode::InvalidRequest, message))
 }
 
 fn to_core_request(state: &AppState, body: ExecuteRequest) -> Result<ExecutionRequest, ApiError> {
@@ -376,7 +384,7 @@ fn to_core_request(state: &AppState, body: ExecuteRequest) -> Result<ExecutionRe
         args,
         limits,
     };
-    request.validate().map_err(invalid)?;
+    request.validate().map_err(|e| invalid(e.to_string()))?;
     Ok(request)
 }
 
@@ -533,7 +541,7 @@ pub enum RuntimesResponse {
     Ok(Json<Vec<RuntimeInfo>>),
     /// A valid API key is required (only when `server.api_keys` is set).
     #[oai(status = 401)]
-    Unauthorized(Json<ErrorBody>),
+    Unauthorized(ErrorJson),
 }
 
 pub struct RuntimesApi;

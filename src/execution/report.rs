@@ -85,8 +85,8 @@ pub struct StageReport {
 impl StageReport {
     /// A stage the sandbox failed to run. The detail goes to the log; the report keeps it
     /// without host paths, since it is sent to clients.
-    pub fn internal(message: impl Into<String>, limits: super::Limits) -> Self {
-        let message = message.into();
+    pub fn internal(message: impl std::fmt::Display, limits: super::Limits) -> Self {
+        let message = message.to_string();
         tracing::error!(error = %message, "a stage could not run");
         StageReport {
             status: StageStatus::InternalError,

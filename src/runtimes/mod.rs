@@ -3,17 +3,22 @@
 
 mod probe;
 pub(crate) use probe::resolve_command;
+mod read;
 pub mod reload;
+mod validate;
+
+use read::{line_of, read_config_file};
+use validate::validate;
 mod schema;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 pub use schema::{CompileEntry, RuntimeEntry, RuntimesFile, WarmKind};
 
 use crate::config::{BackendKind, Settings};
-use crate::execution::Limits;
+use crate::limits::Limits;
 
 /// A runtimes file that cannot be used. Messages name the file, the entry and the key.
 #[derive(Debug, thiserror::Error)]
@@ -65,62 +70,6 @@ impl RuntimesError {
     }
 }
 
-/// The most a runtimes file may hold.
-const MAX_RUNTIMES_FILE_BYTES: u64 = 1024 * 1024;
-/// How long reading it may take.
-const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Read a config file that an operator (or a hostile edit) controls: a regular file only
-/// (a FIFO would block the reader forever, and with it shutdown), opened without blocking,
-/// at most [`MAX_RUNTIMES_FILE_BYTES`], within [`READ_TIMEOUT`]. Symlinks are followed
-/// (Kubernetes ConfigMaps are symlinks).
-async fn read_config_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = path.to_path_buf();
-    let read = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(&path)?;
-        let meta = file.metadata()?;
-        if !meta.is_file() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a regular file",
-            ));
-        }
-        if meta.len() > MAX_RUNTIMES_FILE_BYTES {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("larger than {MAX_RUNTIMES_FILE_BYTES} bytes"),
-            ));
-        }
-        let mut text = String::new();
-        file.take(MAX_RUNTIMES_FILE_BYTES)
-            .read_to_string(&mut text)?;
-        Ok(text)
-    });
-    match tokio::time::timeout(READ_TIMEOUT, read).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(e)) => Err(std::io::Error::other(e)),
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "reading took too long",
-        )),
-    }
-}
-
-/// The 1-based line of byte `offset` in `text`.
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()
-        .iter()
-        .take(offset)
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
 /// Whether a runtime can run here, and why not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Availability {
@@ -151,6 +100,41 @@ pub struct Runtime {
     /// Kept started in idle sandboxes (see `execution/warm.rs`).
     pub warm: Option<WarmKind>,
     pub availability: Availability,
+}
+
+impl Runtime {
+    /// A runtime that is not from runtimes.toml (the start-up self-test, unit tests): the
+    /// default limits, no binds, no environment, available.
+    pub fn ad_hoc(
+        name: &str,
+        file_name: &str,
+        run: &[&str],
+        compile: Option<&[&str]>,
+        backend: BackendKind,
+    ) -> Runtime {
+        let strings = |parts: &[&str]| parts.iter().map(|s| s.to_string()).collect();
+        Runtime {
+            name: name.into(),
+            aliases: Vec::new(),
+            language: name.into(),
+            version: None,
+            version_command: None,
+            file_name: file_name.into(),
+            run: strings(run),
+            compile: compile.map(strings),
+            env: Vec::new(),
+            ro_binds: Vec::new(),
+            limits: Limits::default_run(),
+            max_limits: Limits::default_max(),
+            compile_limits: Limits::default_compile(),
+            backend,
+            warm: None,
+            availability: Availability {
+                available: true,
+                reason: None,
+            },
+        }
+    }
 }
 
 /// A consistent set of runtimes. In-flight executions keep the `Arc` they started with.
@@ -266,171 +250,6 @@ pub async fn load(path: &Path, settings: &Settings) -> Result<RuntimeSet, Runtim
         runtimes: probed.into_iter().map(Arc::new).collect(),
         by_name,
     })
-}
-
-fn validate(
-    path: &Path,
-    file: &RuntimesFile,
-    settings: &Settings,
-) -> Result<Vec<Runtime>, RuntimesError> {
-    let entry_error = |entry: &str, key: &str, message: String| RuntimesError::Entry {
-        path: path.to_path_buf(),
-        entry: entry.to_string(),
-        key: key.to_string(),
-        message,
-    };
-    let mut seen: BTreeMap<String, String> = BTreeMap::new();
-    let mut out = Vec::with_capacity(file.runtimes.len());
-    for entry in &file.runtimes {
-        let name = entry.name.as_str();
-        // One line in runtimes.toml must not turn isolation off unnoticed (also by reload).
-        if entry.backend == Some(BackendKind::Process)
-            && settings.sandbox.backend != BackendKind::Process
-            && !settings.sandbox.allow_unsandboxed_runtimes
-        {
-            return Err(entry_error(
-                name,
-                "backend",
-                "`process` runs submissions without isolation; set \
-                 sandbox.allow_unsandboxed_runtimes = true to allow it"
-                    .into(),
-            ));
-        }
-        if !valid_name(name) {
-            return Err(entry_error(
-                name,
-                "name",
-                "must be 1-64 characters of a-z, 0-9, `.`, `_`, `+` or `-`".into(),
-            ));
-        }
-        for (key, candidate) in std::iter::once(("name", name))
-            .chain(entry.aliases.iter().map(|a| ("aliases", a.as_str())))
-        {
-            if !valid_name(candidate) {
-                return Err(entry_error(
-                    name,
-                    key,
-                    format!("`{candidate}` is not a valid name"),
-                ));
-            }
-            if let Some(owner) = seen.insert(candidate.to_ascii_lowercase(), name.to_string()) {
-                return Err(entry_error(
-                    name,
-                    key,
-                    format!("duplicate name `{candidate}` (already used by runtime `{owner}`)"),
-                ));
-            }
-        }
-        if entry.run.is_empty() || entry.run[0].trim().is_empty() {
-            return Err(entry_error(name, "run", "must name a command".into()));
-        }
-        if let Some(compile) = &entry.compile {
-            if compile.command.is_empty() || compile.command[0].trim().is_empty() {
-                return Err(entry_error(
-                    name,
-                    "compile.command",
-                    "must name a command".into(),
-                ));
-            }
-        }
-        if entry.warm.is_some() {
-            if entry.compile.is_some() {
-                return Err(entry_error(
-                    name,
-                    "warm",
-                    "only runtimes without a compile stage can be kept warm".into(),
-                ));
-            }
-            let file_args = entry.run.iter().filter(|a| *a == "{file}").count();
-            if file_args != 1 || entry.run.first().is_some_and(|a| a == "{file}") {
-                return Err(entry_error(
-                    name,
-                    "warm",
-                    "needs `{file}` once, as an argument of its own (not the command), in `run`"
-                        .into(),
-                ));
-            }
-        }
-        if let Err(message) = crate::execution::validate_file_name(&entry.file_name) {
-            return Err(entry_error(name, "file_name", message));
-        }
-        let max_limits = settings.max_limits.with_override(&entry.max_limits);
-        let limits = settings.limits.with_override(&entry.limits);
-        let compile_limits = settings
-            .compile_limits
-            .with_override(&entry.compile.as_ref().map(|c| c.limits).unwrap_or_default());
-        for (key, set, ceiling) in [
-            ("max_limits", &max_limits, &settings.max_limits),
-            ("limits", &limits, &max_limits),
-            ("compile.limits", &compile_limits, &settings.max_limits),
-        ] {
-            if let Some(field) = set.first_exceeding(ceiling) {
-                return Err(entry_error(
-                    name,
-                    &format!("{key}.{field}"),
-                    "is above the server's max_limits (or this runtime's max_limits)".into(),
-                ));
-            }
-            if let Some((field, _)) = set.entries().into_iter().find(|(_, v)| *v == 0) {
-                return Err(entry_error(
-                    name,
-                    &format!("{key}.{field}"),
-                    "must be greater than 0".into(),
-                ));
-            }
-        }
-        out.push(Runtime {
-            name: name.to_string(),
-            aliases: entry.aliases.clone(),
-            language: entry.language.clone(),
-            version: entry.version.clone(),
-            version_command: entry.version_command.clone(),
-            file_name: entry.file_name.clone(),
-            run: entry.run.clone(),
-            compile: entry.compile.as_ref().map(|c| c.command.clone()),
-            env: entry
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            ro_binds: entry.ro_binds.clone(),
-            limits,
-            max_limits,
-            compile_limits,
-            backend: entry.backend.unwrap_or(settings.sandbox.backend),
-            warm: entry.warm,
-            availability: Availability {
-                available: true,
-                reason: None,
-            },
-        });
-        if let Some(cmd) = &entry.version_command {
-            if cmd.is_empty() {
-                return Err(entry_error(
-                    name,
-                    "version_command",
-                    "must name a command".into(),
-                ));
-            }
-        }
-    }
-    if !seen.contains_key(&file.default.to_ascii_lowercase()) {
-        return Err(RuntimesError::Entry {
-            path: path.to_path_buf(),
-            entry: file.default.clone(),
-            key: "default".into(),
-            message: "the default runtime is not defined in this file".into(),
-        });
-    }
-    Ok(out)
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._+-".contains(&b))
 }
 
 /// The live runtime set, replaced whole on reload.

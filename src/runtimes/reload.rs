@@ -54,7 +54,7 @@ impl Reloader {
     }
 
     /// Load the file again; on success swap it in, on failure keep the old set.
-    pub async fn reload(&self) -> Result<(), String> {
+    pub async fn reload(&self) -> Result<(), super::RuntimesError> {
         let result = super::load(&self.path, &self.settings).await;
         let mut status = match self.status.lock() {
             Ok(guard) => guard,
@@ -79,7 +79,7 @@ impl Reloader {
                 self.observer.reloaded(Err(&message));
                 status.reloads_failed += 1;
                 status.last_error = Some(e.summary());
-                Err(message)
+                Err(e)
             }
         }
     }

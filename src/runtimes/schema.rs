@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::config::BackendKind;
-use crate::execution::LimitsOverride;
+use crate::limits::LimitsOverride;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

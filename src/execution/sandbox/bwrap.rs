@@ -7,15 +7,15 @@
 //! process or bubblewrap itself dies, the kernel kills every process left in the namespace,
 //! including detached grandchildren that called `setsid`.
 
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::io::{Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use super::{SandboxBackend, SandboxCommand, StagePlan};
+use super::child::PASS_FD_BASE;
+use super::stage_exec::{HELPER_PATH, STAGE_EXEC_ARG};
+use super::{SandboxBackend, SandboxCommand, SandboxError, StagePlan};
 use crate::config::BackendKind;
-use crate::execution::child::PASS_FD_BASE;
-use crate::execution::stage_exec::{HELPER_PATH, STAGE_EXEC_ARG};
 
 /// Top-level directories that merged-/usr systems make symlinks into /usr.
 const USR_LINKS: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
@@ -28,17 +28,15 @@ pub struct BwrapBackend {
 
 impl BwrapBackend {
     /// Fails when bubblewrap is missing or cannot create namespaces here.
-    pub fn new(bwrap: &Path, sandbox_path: &str, ro_binds: Vec<PathBuf>) -> Result<Self, String> {
+    pub fn new(
+        bwrap: &Path,
+        sandbox_path: &str,
+        ro_binds: Vec<PathBuf>,
+    ) -> Result<Self, SandboxError> {
         let daemon_path = std::env::var("PATH").unwrap_or_default();
         let search = format!("{daemon_path}:{sandbox_path}");
         let bwrap = crate::runtimes::resolve_command(&bwrap.to_string_lossy(), &search)
-            .ok_or_else(|| {
-                format!(
-                    "bubblewrap (`{}`) is not installed. Install it with `apt-get install bubblewrap`, \
-                     or opt out of isolation with MDE_SANDBOX__BACKEND=process (development only)",
-                    bwrap.display()
-                )
-            })?;
+            .ok_or_else(|| SandboxError::BwrapMissing(bwrap.to_path_buf()))?;
         Ok(BwrapBackend {
             bwrap,
             ro_binds,
@@ -76,18 +74,20 @@ fn push<'a>(args: &mut Vec<OsString>, items: impl IntoIterator<Item = &'a std::f
 
 /// A sealed-in-memory copy of `bytes` for bubblewrap to read (one per run: the read offset
 /// of a shared descriptor would race between concurrent runs).
-fn memfd_with(bytes: &[u8]) -> Result<OwnedFd, String> {
-    let name = CString::new("mde-seccomp").map_err(|e| e.to_string())?;
-    // SAFETY: `name` is a valid C string; the returned descriptor is checked before use.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+fn memfd_with(bytes: &[u8]) -> Result<OwnedFd, SandboxError> {
+    // SAFETY: the name is a valid C string; the returned descriptor is checked before use.
+    let fd = unsafe { libc::memfd_create(c"mde-seccomp".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
-        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+        return Err(SandboxError::last_os("memfd_create"));
     }
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     file.write_all(bytes)
         .and_then(|()| file.rewind())
-        .map_err(|e| format!("writing seccomp filter: {e}"))?;
+        .map_err(|source| SandboxError::Io {
+            what: "writing the seccomp filter",
+            source,
+        })?;
     Ok(OwnedFd::from(file))
 }
 
@@ -102,7 +102,7 @@ impl BwrapBackend {
         ro_binds: &[PathBuf],
         helper: &Path,
         warm: bool,
-    ) -> Result<PreparedCommand, String> {
+    ) -> Result<PreparedCommand, SandboxError> {
         // The runner places pass_fds[i] at PASS_FD_BASE + i: the seccomp programs come first.
         let control_fd = PASS_FD_BASE + self.seccomp.len() as i32;
         let status_fd = control_fd + 1;
@@ -124,14 +124,14 @@ impl BwrapBackend {
         // dumpable pid 1 under the same uid let a run write code into /proc/1/mem and fork
         // past its process limit). The helper is never dumpable and reaps orphans itself.
         let mut command = self.build_with(&plan, true)?;
-        let (control_read, control) = crate::execution::child::pipe_pair()?;
-        let (status, status_write) = crate::execution::child::pipe_pair()?;
+        let (control_read, control) = pipe()?;
+        let (status, status_write) = pipe()?;
         set_nonblocking(&status)?;
         command.pass_fds.push(control_read);
         command.pass_fds.push(status_write);
         // A warm interpreter waits on a third pipe, at the next number.
         let warm = if warm {
-            let (read, write) = crate::execution::child::pipe_pair()?;
+            let (read, write) = pipe()?;
             command.pass_fds.push(read);
             Some((write, status_fd + 1))
         } else {
@@ -158,7 +158,15 @@ pub(crate) struct PreparedCommand {
     pub(crate) warm: Option<(OwnedFd, std::ffi::c_int)>,
 }
 
-fn set_nonblocking(fd: &OwnedFd) -> Result<(), String> {
+/// A close-on-exec pipe (read end, write end).
+fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    super::child::pipe_pair().map_err(|source| SandboxError::Io {
+        what: "pipe2",
+        source,
+    })
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> Result<(), SandboxError> {
     // SAFETY: fcntl on a descriptor we own.
     let ok = unsafe {
         let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
@@ -167,7 +175,7 @@ fn set_nonblocking(fd: &OwnedFd) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("fcntl: {}", std::io::Error::last_os_error()))
+        Err(SandboxError::last_os("fcntl"))
     }
 }
 
@@ -176,7 +184,7 @@ impl SandboxBackend for BwrapBackend {
         BackendKind::Bwrap
     }
 
-    fn build(&self, plan: &StagePlan<'_>) -> Result<SandboxCommand, String> {
+    fn build(&self, plan: &StagePlan<'_>) -> Result<SandboxCommand, SandboxError> {
         self.build_with(plan, false)
     }
 }
@@ -200,7 +208,7 @@ impl BwrapBackend {
         &self,
         plan: &StagePlan<'_>,
         command_is_pid_1: bool,
-    ) -> Result<SandboxCommand, String> {
+    ) -> Result<SandboxCommand, SandboxError> {
         let mut args: Vec<OsString> = [
             "--unshare-all",
             "--unshare-user",

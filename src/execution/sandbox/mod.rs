@@ -3,8 +3,10 @@
 //! orchestrator), so every backend gets the same enforcement.
 
 mod bwrap;
+pub(crate) mod child;
 mod process;
 mod seccomp;
+pub(crate) mod stage_exec;
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -50,7 +52,41 @@ pub struct SandboxCommand {
 
 pub trait SandboxBackend: Send + Sync {
     fn kind(&self) -> BackendKind;
-    fn build(&self, plan: &StagePlan<'_>) -> Result<SandboxCommand, String>;
+    fn build(&self, plan: &StagePlan<'_>) -> Result<SandboxCommand, SandboxError>;
+}
+
+/// Why a sandbox cannot be built or set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// bubblewrap is missing; the message says how to install it or opt out.
+    #[error(
+        "bubblewrap (`{0}`) is not installed. Install it with `apt-get install bubblewrap`, or opt out of isolation with MDE_SANDBOX__BACKEND=process (development only)"
+    )]
+    BwrapMissing(PathBuf),
+    #[error("seccomp: {0}")]
+    Seccomp(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the stage's command is empty")]
+    EmptyCommand,
+}
+
+impl SandboxError {
+    /// The last OS error, as the failure of `what`.
+    pub(crate) fn last_os(what: &'static str) -> SandboxError {
+        SandboxError::Io {
+            what,
+            source: std::io::Error::last_os_error(),
+        }
+    }
+
+    pub(crate) fn seccomp(e: impl std::error::Error + Send + Sync + 'static) -> SandboxError {
+        SandboxError::Seccomp(Box::new(e))
+    }
 }
 
 /// The environment of a stage inside a bubblewrap sandbox: the base plus the runtime's.

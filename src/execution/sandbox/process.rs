@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::{SandboxBackend, SandboxCommand, StagePlan, base_env};
+use super::{SandboxBackend, SandboxCommand, SandboxError, StagePlan, base_env};
 use crate::config::BackendKind;
 
 pub struct ProcessBackend;
@@ -14,11 +14,8 @@ impl SandboxBackend for ProcessBackend {
         BackendKind::Process
     }
 
-    fn build(&self, plan: &StagePlan<'_>) -> Result<SandboxCommand, String> {
-        let (program, args) = plan
-            .argv
-            .split_first()
-            .ok_or_else(|| "empty command".to_string())?;
+    fn build(&self, plan: &StagePlan<'_>) -> Result<SandboxCommand, SandboxError> {
+        let (program, args) = plan.argv.split_first().ok_or(SandboxError::EmptyCommand)?;
         let work = plan.slot_dir.join("box");
         let mut env = base_env(plan.path, &work, &plan.slot_dir.join("tmp"));
         env.extend(plan.env.iter().map(|(k, v)| (k.into(), v.into())));

@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 
+use super::SandboxError;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
@@ -111,9 +112,8 @@ const NAMESPACE_FLAGS: &[libc::c_int] = &[
 ];
 
 /// Both filters as raw `struct sock_filter` arrays, the format bubblewrap reads.
-pub(crate) fn build_filters() -> Result<Vec<Vec<u8>>, String> {
-    let arch = TargetArch::try_from(std::env::consts::ARCH)
-        .map_err(|e| format!("seccomp: unsupported architecture: {e:?}"))?;
+pub(crate) fn build_filters() -> Result<Vec<Vec<u8>>, SandboxError> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(SandboxError::seccomp)?;
     let mut deny: BTreeMap<i64, Vec<SeccompRule>> = DENIED
         .iter()
         .chain(DENIED_ARCH)
@@ -140,39 +140,26 @@ pub(crate) fn build_filters() -> Result<Vec<Vec<u8>>, String> {
             .and_then(|cond| SeccompRule::new(vec![cond]))
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("seccomp: {e}"))?;
+        .map_err(SandboxError::seccomp)?;
     deny.insert(libc::SYS_clone, clone_rules);
-    let deny = SeccompFilter::new(
-        deny,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .map_err(|e| format!("seccomp: {e}"))?;
+    let refusing = |rules, errno: libc::c_int| {
+        SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno as u32),
+            arch,
+        )
+        .map_err(SandboxError::seccomp)
+    };
+    let deny = refusing(deny, libc::EPERM)?;
+    let clone3 = refusing([(libc::SYS_clone3, Vec::new())].into(), libc::ENOSYS)?;
 
-    let clone3: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_clone3, Vec::new())].into();
-    let clone3 = SeccompFilter::new(
-        clone3,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )
-    .map_err(|e| format!("seccomp: {e}"))?;
-
-    let sockets = SeccompFilter::new(
-        socket_rules()?,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EAFNOSUPPORT as u32),
-        arch,
-    )
-    .map_err(|e| format!("seccomp: {e}"))?;
+    let sockets = refusing(socket_rules()?, libc::EAFNOSUPPORT)?;
 
     [deny, clone3, sockets]
         .into_iter()
         .map(|filter| {
-            let program: BpfProgram = filter
-                .try_into()
-                .map_err(|e: seccompiler::BackendError| format!("seccomp: {e}"))?;
+            let program: BpfProgram = filter.try_into().map_err(SandboxError::seccomp)?;
             Ok(to_bytes(&program))
         })
         .collect()
@@ -180,10 +167,10 @@ pub(crate) fn build_filters() -> Result<Vec<Vec<u8>>, String> {
 
 /// `socket` and `socketpair` match (and are refused) when the family is none of
 /// [`SOCKET_FAMILIES`] and not netlink with protocol NETLINK_ROUTE.
-fn socket_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
+fn socket_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     let cond = |arg: u8, op: SeccompCmpOp, value: libc::c_int| {
         SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value as u64)
-            .map_err(|e| format!("seccomp: {e}"))
+            .map_err(SandboxError::seccomp)
     };
     // Conditions in one rule all hold; rules of one syscall are alternatives.
     let other_family = SOCKET_FAMILIES
@@ -195,10 +182,10 @@ fn socket_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
         cond(0, SeccompCmpOp::Eq, libc::AF_NETLINK)?,
         cond(2, SeccompCmpOp::Ne, libc::NETLINK_ROUTE)?,
     ];
-    let rules = || -> Result<Vec<SeccompRule>, String> {
+    let rules = || -> Result<Vec<SeccompRule>, SandboxError> {
         [other_family.clone(), other_netlink.clone()]
             .into_iter()
-            .map(|conds| SeccompRule::new(conds).map_err(|e| format!("seccomp: {e}")))
+            .map(|conds| SeccompRule::new(conds).map_err(SandboxError::seccomp))
             .collect()
     };
     let mut map = BTreeMap::new();

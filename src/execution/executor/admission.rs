@@ -10,13 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The queue is full, or a submission waited in it for longer than allowed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("the server is busy: {running} executions running and {waiting} waiting")]
-pub struct Busy {
-    pub running: usize,
-    pub waiting: usize,
-}
+use crate::execution::request::Busy;
 
 pub(crate) struct Admission {
     semaphore: Arc<Semaphore>,

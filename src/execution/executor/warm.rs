@@ -16,7 +16,7 @@
 
 use std::os::fd::RawFd;
 
-use super::child::Rlimit;
+use crate::execution::sandbox::child::Rlimit;
 use crate::runtimes::WarmKind;
 
 /// What the daemon writes to a waiting interpreter: NUL-separated fields, the rlimit count,

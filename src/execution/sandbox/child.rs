@@ -163,16 +163,116 @@ pub(crate) fn set_oom_score_adj(value: &std::ffi::CStr) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Format `n` into `buf` without allocating (we may be between fork and exec).
+pub(crate) fn format_pid(mut n: u32, buf: &mut [u8; 16]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// Join the cgroups whose `cgroup.procs` are open as `procs` (this process's pid into each),
+/// so every later process is inside them. Async-signal-safe: for between fork and exec.
+pub(crate) fn join_cgroups(procs: &[c_int]) -> std::io::Result<()> {
+    let mut buf = [0u8; 16];
+    // SAFETY: getpid has no preconditions.
+    let pid = format_pid(unsafe { libc::getpid() } as u32, &mut buf);
+    for &fd in procs {
+        // SAFETY: writing a valid buffer to a descriptor the caller opened.
+        if unsafe { libc::write(fd, pid.as_ptr().cast(), pid.len()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A command as the C strings `execve` takes, built before a fork so that the child only
+/// has to point at them (it must not allocate).
+pub(crate) struct ExecStrings {
+    pub(crate) program: std::ffi::CString,
+    argv: Vec<std::ffi::CString>,
+    envp: Vec<std::ffi::CString>,
+}
+
+impl ExecStrings {
+    /// `program` is also `argv[0]`; `env` pairs become `KEY=VALUE`.
+    pub(crate) fn new(
+        program: &[u8],
+        args: &[Vec<u8>],
+        env: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<ExecStrings, std::ffi::NulError> {
+        let program = std::ffi::CString::new(program)?;
+        let argv = std::iter::once(Ok(program.clone()))
+            .chain(args.iter().map(|a| std::ffi::CString::new(a.as_slice())))
+            .collect::<Result<_, _>>()?;
+        let envp = env
+            .iter()
+            .map(|(k, v)| std::ffi::CString::new([k.as_slice(), b"=", v.as_slice()].concat()))
+            .collect::<Result<_, _>>()?;
+        Ok(ExecStrings {
+            program,
+            argv,
+            envp,
+        })
+    }
+
+    /// NULL-terminated pointer arrays for `argv` and `envp`, valid while `self` lives.
+    pub(crate) fn pointers(&self) -> (Vec<*const libc::c_char>, Vec<*const libc::c_char>) {
+        let ptrs = |v: &[std::ffi::CString]| {
+            v.iter()
+                .map(|c| c.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        (ptrs(&self.argv), ptrs(&self.envp))
+    }
+}
+
+/// Whether child `pid` has exited, leaving it unreaped (WNOWAIT) so that its process
+/// group id stays its own until the caller has killed the group; with `block`, wait for it.
+pub(crate) fn exited_unreaped(pid: libc::pid_t, block: bool) -> bool {
+    let flags = libc::WEXITED | libc::WNOWAIT | if block { 0 } else { libc::WNOHANG };
+    loop {
+        // SAFETY: `info` is a valid out-pointer for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let ret = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) };
+        if ret == 0 {
+            // SAFETY: waitid filled `info`; with WNOHANG and no exit, si_pid is 0.
+            return unsafe { info.si_pid() } == pid;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // No such child (already reaped): it is gone.
+            return true;
+        }
+    }
+}
+
 /// The most descriptors a backend may pass.
 pub(crate) const MAX_PASS_FDS: usize = 8;
 
 /// A pipe whose ends are closed on exec (read end, write end).
-pub(crate) fn pipe_pair() -> Result<(OwnedFd, OwnedFd), String> {
+pub(crate) fn pipe_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as c_int; 2];
     // SAFETY: pipe2 writes two descriptors into a valid array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: both descriptors are fresh and owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pids_format_without_allocation() {
+        let mut buf = [0u8; 16];
+        assert_eq!(super::format_pid(0, &mut buf), b"0");
+        assert_eq!(super::format_pid(4194304, &mut buf), b"4194304");
+    }
 }

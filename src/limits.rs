@@ -1,4 +1,4 @@
-//! Resource limits: the server's defaults and maxima, per-runtime overrides, per-request asks.
+//! Resource limits (a leaf module: it imports nothing of the crate): the server's defaults and maxima, per-runtime overrides, per-request asks.
 //!
 //! The invariant: a request can lower any limit but never raise it past the ceiling, which is
 //! the runtime's `max_limits` where it sets one and the server's `max_limits` otherwise.
@@ -39,6 +39,14 @@ pub struct LimitsOverride {
     pub open_files: Option<u64>,
     pub output_bytes: Option<u64>,
     pub workdir_bytes: Option<u64>,
+}
+
+/// A configured limit that cannot be (zero); `key` is its full name (`limits.memory_bytes`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration key `{key}`: {message}")]
+pub struct InvalidLimit {
+    pub key: String,
+    pub message: &'static str,
 }
 
 /// A request asked for more than the ceiling allows, or less than a stage can start with.
@@ -172,16 +180,23 @@ impl Limits {
     }
 
     /// Every limit must be positive; `prefix` names the table in messages.
-    pub fn validate(&self, prefix: &str) -> Result<(), crate::config::ConfigError> {
-        for (name, value) in self.entries() {
-            if value == 0 {
-                return Err(crate::config::ConfigError::Invalid {
-                    key: format!("{prefix}.{name}"),
-                    message: "must be greater than 0".into(),
-                });
-            }
+    pub fn validate(&self, prefix: &str) -> Result<(), InvalidLimit> {
+        match self.entries().into_iter().find(|(_, value)| *value == 0) {
+            Some((name, _)) => Err(InvalidLimit {
+                key: format!("{prefix}.{name}"),
+                message: "must be greater than 0",
+            }),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// The most an answer holding stages under these limits can take as JSON: each stream
+    /// of each stage at most twice its `output_bytes` (see the runner's output cost), plus
+    /// room for everything else in the answer.
+    pub fn answer_bytes_at_most(run: &Limits, compile: Option<&Limits>) -> u64 {
+        const ENVELOPE_BYTES: u64 = 64 * 1024;
+        let stage = |l: &Limits| 2 * 2 * l.output_bytes;
+        stage(run) + compile.map_or(0, stage) + ENVELOPE_BYTES
     }
 
     /// The first field whose value is above the same field of `ceiling`.

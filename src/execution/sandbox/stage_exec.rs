@@ -19,13 +19,13 @@
 //! on how it ended (it could as well exit with any code); which limit ended a run is judged
 //! by the daemon, never from this.
 
-use std::ffi::{CString, c_int};
+use std::ffi::c_int;
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
 
 use serde::{Deserialize, Serialize};
 
-use super::child::Rlimit;
+use super::child::{ExecStrings, Rlimit};
 
 /// The argument that turns the binary into the in-sandbox exec helper.
 pub const STAGE_EXEC_ARG: &str = "__stage-exec";
@@ -127,28 +127,13 @@ fn wait_for(child: libc::pid_t) -> c_int {
 }
 
 /// The command as C strings, built before the fork so the child only applies and execs.
-struct ChildCommand {
-    program: CString,
-    argv: Vec<CString>,
-    envp: Vec<CString>,
-}
+struct ChildCommand(ExecStrings);
 
 impl ChildCommand {
     fn new(spec: &ExecSpec) -> ChildCommand {
-        let cstr = |b: &[u8]| CString::new(b).unwrap_or_else(|_| fail("NUL byte in the command"));
-        let program = cstr(&spec.program);
-        let argv = std::iter::once(program.clone())
-            .chain(spec.args.iter().map(|a| cstr(a)))
-            .collect();
-        let envp = spec
-            .env
-            .iter()
-            .map(|(k, v)| cstr(&[k.as_slice(), b"=", v.as_slice()].concat()))
-            .collect();
-        ChildCommand {
-            program,
-            argv,
-            envp,
+        match ExecStrings::new(&spec.program, &spec.args, &spec.env) {
+            Ok(strings) => ChildCommand(strings),
+            Err(_) => fail("NUL byte in the command"),
         }
     }
 
@@ -168,18 +153,12 @@ impl ChildCommand {
         if let Err(e) = super::child::set_oom_score_adj(super::child::STAGE_OOM_SCORE_C) {
             fail(&format!("resetting the OOM score: {e}"));
         }
-        let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
-            v.iter()
-                .map(|c| c.as_ptr())
-                .chain(std::iter::once(std::ptr::null()))
-                .collect()
-        };
-        let (argv_p, envp_p) = (ptrs(&self.argv), ptrs(&self.envp));
+        let (argv_p, envp_p) = self.0.pointers();
         // SAFETY: both arrays are NULL-terminated and point at live C strings.
-        unsafe { libc::execve(self.program.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
+        unsafe { libc::execve(self.0.program.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
         fail(&format!(
             "cannot execute {}: {}",
-            self.program.to_string_lossy(),
+            self.0.program.to_string_lossy(),
             std::io::Error::last_os_error()
         ))
     }

@@ -1,0 +1,361 @@
+//! The executor: admission, then the submission's stages in a slot (see `pipeline.rs`),
+//! answering as soon as the report exists; afterwards the slot is settled, given a fresh
+//! work dir and its next prepared sandbox (`prepared.rs`) before it is handed out again.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+mod admission;
+mod pipeline;
+mod prepared;
+#[cfg(test)]
+mod tests;
+mod warm;
+
+use super::observer::ExecutionObserver;
+use super::pool::launcher::launcher_executable;
+use super::pool::{MemoryEnforcement, SlotOptions, SlotPool};
+use super::report::{ExecutionReport, StageStatus};
+use super::sandbox::{BwrapBackend, ProcessBackend};
+use super::{ExecuteError, ExecutionRequest, Limits};
+use crate::config::{BackendKind, SandboxSettings};
+pub use crate::execution::request::Busy;
+use crate::runtimes::Runtime;
+use admission::{Admission, SlotLease};
+use pipeline::warmable;
+use prepared::PreparedSandbox;
+
+/// What the executor enforces on this host, for start-up logs and `/health`.
+#[derive(Debug, Clone)]
+pub struct ExecutorInfo {
+    pub backend: BackendKind,
+    pub memory: MemoryEnforcement,
+    pub per_slot_uid: bool,
+    pub sized_workdir: bool,
+    /// CPU time is limited for the whole process tree (cgroup accounting), not only per
+    /// process by RLIMIT_CPU.
+    pub tree_cpu_limit: bool,
+    /// Each slot has a CPU controller of its own, so slots share the CPU fairly.
+    pub cpu_fair: bool,
+    /// Socket buffers count against each run's memory limit.
+    pub socket_memory_limited: bool,
+    pub slots: usize,
+    pub queue: usize,
+    /// This daemon's work root (slot dirs live below it); removed at shutdown.
+    pub work_root: std::path::PathBuf,
+    /// This daemon's memory cgroup, when one is used; removed at shutdown.
+    pub cgroup_dir: Option<std::path::PathBuf>,
+}
+
+impl ExecutorInfo {
+    /// True when the default backend isolates submissions.
+    pub fn isolated(&self) -> bool {
+        self.backend == BackendKind::Bwrap
+    }
+}
+
+/// What the executor is built from (the binary fills it from the settings).
+#[derive(Debug, Clone)]
+pub struct ExecutorOptions {
+    /// Executions that run at once (one slot each).
+    pub slots: usize,
+    /// Submissions that may wait for a slot, and for how long.
+    pub queue_size: usize,
+    pub max_queue_wait: std::time::Duration,
+    /// Where slot work dirs go.
+    pub work_root: PathBuf,
+    /// The default size of a slot's work dir.
+    pub workdir_bytes: u64,
+    /// The server's ceilings (prepared sandboxes start under them).
+    pub max_limits: Limits,
+    pub sandbox: SandboxSettings,
+}
+
+/// Why the executor cannot start, or a sandbox cannot be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error(transparent)]
+    Sandbox(#[from] super::sandbox::SandboxError),
+    #[error(transparent)]
+    Pool(#[from] super::pool::PoolError),
+    #[error(transparent)]
+    Stage(#[from] super::stage::StageError),
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    #[error("encoding the stage's command: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("command `{0}` is not installed")]
+    NotInstalled(String),
+    #[error("`{0}` is not a warm runtime")]
+    NotWarm(String),
+    #[error("prepared sandboxes are off")]
+    NoPreparedSandboxes,
+    #[error("the prepared sandbox did not take its command")]
+    HandOverFailed,
+    #[error("the {backend} sandbox does not work on this host: {detail}")]
+    SelfTest {
+        backend: &'static str,
+        detail: String,
+    },
+}
+
+/// What an idle slot keeps for its next run.
+#[derive(Default)]
+struct SlotState {
+    /// The sandbox set up and waiting for the slot's next stage.
+    prepared: Option<PreparedSandbox>,
+    /// The warm runtime its next prepared sandbox starts: the default one at first, then
+    /// the runtime the slot last ran if that is warm, else none (plain).
+    warm_for: Option<Arc<Runtime>>,
+}
+
+pub struct Executor {
+    admission: Admission,
+    /// What each slot keeps between runs, by slot index.
+    slot_state: Vec<Mutex<SlotState>>,
+    /// Every runtime bind seen so far, so later prepared sandboxes suit those runtimes too.
+    prepared_binds: Mutex<Vec<PathBuf>>,
+    /// The binary bound into every bubblewrap sandbox as the stage-exec helper (its pid 1).
+    helper: Option<PathBuf>,
+    /// Whether idle slots keep a prepared sandbox (`sandbox.prepare_sandboxes`).
+    prepare_idle: bool,
+    max_limits: Limits,
+    in_flight: std::sync::atomic::AtomicUsize,
+    slots: SlotPool,
+    bwrap: Option<BwrapBackend>,
+    /// Why bubblewrap cannot be used, when it cannot (runs that need it fail with this).
+    bwrap_error: Option<String>,
+    process: ProcessBackend,
+    backend: BackendKind,
+    sandbox_path: String,
+    queue: usize,
+    observer: Arc<dyn ExecutionObserver>,
+}
+
+impl Executor {
+    /// Prepare slots and backends. Fails when the configured backend cannot work here.
+    pub fn new(
+        opts: ExecutorOptions,
+        observer: Arc<dyn ExecutionObserver>,
+    ) -> Result<Self, ExecutorError> {
+        let sandbox = &opts.sandbox;
+        let (bwrap, bwrap_error) =
+            match BwrapBackend::new(&sandbox.bwrap_path, &sandbox.path, sandbox.ro_binds.clone()) {
+                Ok(b) => (Some(b), None),
+                Err(e) if sandbox.backend == BackendKind::Bwrap => return Err(e.into()),
+                Err(e) => (None, Some(e.to_string())),
+            };
+        let count = opts.slots;
+        let workdir_bytes = opts.workdir_bytes;
+        let slots = SlotPool::new(&SlotOptions {
+            count,
+            work_root: &opts.work_root,
+            uid_base: sandbox.uid_base,
+            memory_cgroup: sandbox.memory_cgroup,
+            tmpfs_workdir: sandbox.tmpfs_workdir,
+            workdir_bytes,
+            use_launcher: sandbox.launcher,
+        })?;
+        let helper = match sandbox.backend {
+            BackendKind::Bwrap => launcher_executable(),
+            BackendKind::Process => None,
+        };
+        Ok(Executor {
+            admission: Admission::new(count, opts.queue_size, opts.max_queue_wait),
+            slot_state: (0..count).map(|_| Mutex::default()).collect(),
+            prepared_binds: Mutex::new(Vec::new()),
+            helper,
+            prepare_idle: sandbox.prepare_sandboxes,
+            max_limits: opts.max_limits,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            slots,
+            bwrap,
+            bwrap_error,
+            process: ProcessBackend,
+            backend: sandbox.backend,
+            sandbox_path: sandbox.path.clone(),
+            queue: opts.queue_size,
+            observer,
+        })
+    }
+
+    pub fn info(&self) -> ExecutorInfo {
+        ExecutorInfo {
+            backend: self.backend,
+            memory: self.slots.memory.clone(),
+            per_slot_uid: self.slots.per_slot_uid,
+            sized_workdir: self.slots.sized_workdir,
+            tree_cpu_limit: self.slots.tree_cpu_limit,
+            cpu_fair: self.slots.cpu_fair,
+            socket_memory_limited: self.slots.socket_memory_limited,
+            slots: self.slots.slots.len(),
+            queue: self.queue,
+            work_root: self.slots.root.clone(),
+            cgroup_dir: self.slots.cgroup_dir(),
+        }
+    }
+
+    /// Executions running now (a slot that is only preparing its next sandbox is not one).
+    pub fn running(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.admission.waiting()
+    }
+
+    /// Run `f` on slot `index`'s state (a panic elsewhere never locks a slot for good).
+    fn with_slot_state<R>(&self, index: usize, f: impl FnOnce(&mut SlotState) -> R) -> Option<R> {
+        let cell = self.slot_state.get(index)?;
+        let mut state = cell
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(f(&mut state))
+    }
+
+    /// Slots taken out of service because they could not be cleaned after a run.
+    pub fn slots_out_of_service(&self) -> usize {
+        self.admission.retired()
+    }
+
+    /// Run `/bin/true` through the default backend, so a host where the sandbox cannot work
+    /// (no user namespaces, a blocking seccomp profile) fails at start-up, not per request.
+    pub async fn self_test(self: &Arc<Self>) -> Result<(), ExecutorError> {
+        let probe = Runtime::ad_hoc("self-test", "probe", &["true"], None, self.backend);
+        let request = ExecutionRequest::single_file(Arc::new(probe), Vec::new());
+        let lease = self.admission.acquire().await?;
+        // The execution task never fails to answer (it always sends a report).
+        let report = self.run_in_slot(request, lease, false).await.ok();
+        match report.and_then(|r| r.run) {
+            Some(run) if run.status == StageStatus::Ok => Ok(()),
+            run => Err(ExecutorError::SelfTest {
+                backend: self.backend.as_str(),
+                detail: run.map_or_else(
+                    || "no result".into(),
+                    |run| {
+                        format!(
+                            "{}{}",
+                            run.message.unwrap_or_default(),
+                            String::from_utf8_lossy(&run.stderr).trim()
+                        )
+                    },
+                ),
+            }),
+        }
+    }
+
+    /// Admit, run every stage, and report. The stages run in their own task, so a client
+    /// that goes away cannot leave a sandbox running or a slot taken. When `abandoned`
+    /// resolves while the submission still waits for a slot (its client went away), it
+    /// leaves the queue at once and never runs.
+    pub async fn execute(
+        self: &Arc<Self>,
+        request: ExecutionRequest,
+        abandoned: impl std::future::Future<Output = ()>,
+    ) -> Result<ExecutionReport, ExecuteError> {
+        let arrived = Instant::now();
+        let lease = tokio::select! {
+            lease = self.admission.acquire() => lease?,
+            () = abandoned => return Err(ExecuteError::Abandoned),
+        };
+        self.observer.admitted(arrived.elapsed());
+        self.run_in_slot(request, lease, true).await
+    }
+
+    /// Run the stages in their own task and answer as soon as the report exists; the task
+    /// then prepares the slot's next sandbox before it gives the slot back.
+    async fn run_in_slot(
+        self: &Arc<Self>,
+        request: ExecutionRequest,
+        lease: SlotLease,
+        observe: bool,
+    ) -> Result<ExecutionReport, ExecuteError> {
+        let (tx, rx) = oneshot::channel();
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let runtime = request.runtime.name.clone();
+            let started = Instant::now();
+            this.in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let report = this.run_stages(&request, lease.index).await;
+            this.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            if observe {
+                this.observer.finished(&runtime, &report, started.elapsed());
+            }
+            let _ = tx.send(report);
+            // The slot's next sandbox suits what it just ran: warm for a warm runtime,
+            // plain (any runtime's command) otherwise. The start-up self-test (not
+            // observed) leaves the slot as it was.
+            if observe {
+                let next = warmable(&request.runtime).then(|| Arc::clone(&request.runtime));
+                this.with_slot_state(lease.index, |s| s.warm_for = next);
+            }
+            this.settle_slot(lease.index).await;
+            match this.slots.reset(lease.index) {
+                Ok(_) => {
+                    this.prepare_sandbox(lease.index).await;
+                    drop(lease);
+                }
+                Err(e) => {
+                    // Never hand a run the last one's leftovers: the slot goes out of
+                    // service (`/ready`, `/health` and metrics say so).
+                    tracing::error!(slot = lease.index, error = %e,
+                        "cannot clean a slot after a run; taking it out of service");
+                    lease.retire();
+                }
+            }
+        });
+        rx.await.map_err(|e| ExecuteError::Internal(Box::new(e)))
+    }
+
+    /// Give every idle slot a prepared sandbox (at start-up; afterwards each run prepares
+    /// its slot's next one), with `default` waiting started in it when it is a warm runtime.
+    pub async fn prepare_idle_slots(self: &Arc<Self>, default: Option<Arc<Runtime>>) {
+        if self.helper.is_none() || !self.prepare_idle {
+            return;
+        }
+        if let Some(runtime) = default.filter(|r| warmable(r)) {
+            for index in 0..self.slot_state.len() {
+                self.with_slot_state(index, |s| s.warm_for = Some(Arc::clone(&runtime)));
+            }
+        }
+        // Hold every lease until all slots are visited, so each slot gets its turn.
+        let mut leases = Vec::with_capacity(self.slots.slots.len());
+        for _ in 0..self.slots.slots.len() {
+            let Ok(lease) = self.admission.acquire().await else {
+                return;
+            };
+            let already = self
+                .with_slot_state(lease.index, |s| s.prepared.is_some())
+                .unwrap_or(true);
+            if !already {
+                self.prepare_sandbox(lease.index).await;
+            }
+            leases.push(lease);
+        }
+    }
+
+    /// Wait (briefly) until nothing of the last run is left in the slot's cgroup, so no
+    /// dying process counts against the next run's process limit.
+    async fn settle_slot(&self, index: usize) {
+        let Some(slot) = self.slots.slots.get(index) else {
+            return;
+        };
+        let Some(cg) = &slot.cgroup else {
+            return;
+        };
+        let launcher = slot.launcher().and_then(|l| l.pid());
+        for _ in 0..400 {
+            if cg.is_empty(launcher) {
+                return;
+            }
+            cg.kill_all(launcher);
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tracing::warn!(slot = index, "processes of the last run are still exiting");
+    }
+}

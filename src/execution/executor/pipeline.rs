@@ -1,0 +1,308 @@
+//! The pipeline of one submission in its slot: the work dir, the compile stage if the
+//! runtime has one, then the run, each in its own sandbox.
+
+use super::Executor;
+use super::prepared::{PreparedSandbox, Waiting, exec_spec, hand_over};
+use super::warm::WarmRequest;
+use crate::config::BackendKind;
+use crate::execution::pool::Slot;
+use crate::execution::report::{ExecutionReport, StageReport, StageStatus};
+use crate::execution::sandbox::{SandboxBackend, StagePlan};
+use crate::execution::stage::{RunContext, StageStart, rlimits, run_stage, supervise};
+use crate::execution::{ExecutionRequest, Limits};
+use crate::runtimes::{Runtime, resolve_command};
+
+impl Executor {
+    pub(super) async fn run_stages(
+        &self,
+        request: &ExecutionRequest,
+        slot_index: usize,
+    ) -> ExecutionReport {
+        let runtime = &request.runtime;
+        let fail = |message: String, limits: Limits| ExecutionReport {
+            compile: None,
+            run: Some(StageReport::internal(message, limits)),
+        };
+        let backend: &dyn SandboxBackend = match runtime.backend {
+            BackendKind::Process => &self.process,
+            BackendKind::Bwrap => match &self.bwrap {
+                Some(b) => b,
+                None => {
+                    return fail(
+                        self.bwrap_error
+                            .clone()
+                            .unwrap_or_else(|| "bwrap unavailable".into()),
+                        request.limits,
+                    );
+                }
+            },
+        };
+        let workdir_bytes = match runtime.compile {
+            Some(_) => request
+                .limits
+                .workdir_bytes
+                .max(runtime.compile_limits.workdir_bytes),
+            None => request.limits.workdir_bytes,
+        };
+        let mut prepared = self.take_prepared(slot_index, runtime).await;
+        let slot = match self.slots.prepare(
+            slot_index,
+            &request.files,
+            workdir_bytes,
+            prepared.is_none(),
+        ) {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.discard(prepared.take(), slot_index).await;
+                return fail(format!("preparing the work dir: {e}"), request.limits);
+            }
+        };
+
+        let mut compile_report = None;
+        if let Some(command) = &runtime.compile {
+            let report = self
+                .run_one(
+                    backend,
+                    slot,
+                    command,
+                    &[],
+                    request,
+                    runtime.compile_limits,
+                    &[],
+                    prepared.take(),
+                )
+                .await;
+            if report.status != StageStatus::Ok {
+                let mut report = report;
+                if report.status == StageStatus::RuntimeError {
+                    report.status = StageStatus::CompileError;
+                }
+                return ExecutionReport {
+                    compile: Some(report),
+                    run: None,
+                };
+            }
+            compile_report = Some(report);
+            // The tmpfs was sized for the compile: `workdir_bytes` holds for the run too, and
+            // the compiler's output cannot be deleted to make room.
+            if let Err(e) = self
+                .slots
+                .seal_compile_output(slot_index)
+                .and_then(|()| self.slots.resize(slot_index, request.limits.workdir_bytes))
+            {
+                return ExecutionReport {
+                    compile: compile_report,
+                    run: Some(StageReport::internal(
+                        format!("sizing the work dir: {e}"),
+                        request.limits,
+                    )),
+                };
+            }
+        }
+        let run = self
+            .run_one(
+                backend,
+                slot,
+                &runtime.run,
+                &request.args,
+                request,
+                request.limits,
+                &request.stdin,
+                prepared.take(),
+            )
+            .await;
+        ExecutionReport {
+            compile: compile_report,
+            run: Some(run),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn run_one(
+        &self,
+        backend: &dyn SandboxBackend,
+        slot: &Slot,
+        template: &[String],
+        args: &[String],
+        request: &ExecutionRequest,
+        limits: Limits,
+        stdin: &[u8],
+        prepared: Option<PreparedSandbox>,
+    ) -> StageReport {
+        let mut argv = fill_template(template, &request.entry);
+        argv.extend(args.iter().cloned());
+        match resolve_command(&argv[0], &self.sandbox_path) {
+            // `./name` is a program the compile stage built in the work dir.
+            _ if argv[0].starts_with("./") => {}
+            Some(path) => argv[0] = path.to_string_lossy().into_owned(),
+            None => {
+                if let Some(p) = prepared {
+                    p.discard(slot.cgroup.as_ref()).await;
+                }
+                return StageReport::internal(
+                    format!("command `{}` is not installed", argv[0]),
+                    limits,
+                );
+            }
+        }
+        let mut prepared = prepared;
+        if let Some(cg) = &slot.cgroup {
+            // A waiting interpreter already holds memory. Below a quarter of the stage's limit
+            // it is kept; above, it goes first and the stage starts cold (lowering the limit
+            // under its usage would fail on cgroup v1 and OOM-kill it, uncounted, on v2).
+            if prepared.as_ref().is_some_and(PreparedSandbox::is_warm)
+                && cg
+                    .usage_bytes()
+                    .is_none_or(|used| used > limits.memory_bytes / 4)
+            {
+                if let Some(p) = prepared.take() {
+                    p.discard(Some(cg)).await;
+                }
+            }
+            if let Err(e) = cg.prepare(limits.memory_bytes) {
+                if let Some(p) = prepared.take() {
+                    p.discard(Some(cg)).await;
+                }
+                return StageReport::internal(e, limits);
+            }
+        }
+        let is_bwrap = backend.kind() == BackendKind::Bwrap;
+        let ctx = RunContext {
+            uid: slot.uid,
+            cgroup: slot.cgroup.as_ref(),
+            limits,
+            stdin,
+            backend_processes: if is_bwrap { 2 } else { 0 },
+            exit_code_encodes_signal: is_bwrap,
+            status_pipe: None,
+            launcher: slot.launcher(),
+        };
+        // Every bubblewrap stage goes through the stage-exec helper (which reports exact
+        // exit statuses): the slot's prepared sandbox when it suits, else one started now,
+        // on the work dir as the earlier stage left it.
+        let prepared = match prepared {
+            Some(p) => Some(p),
+            None if is_bwrap && self.helper.is_some() => {
+                match self
+                    .start_prepared(slot, request.runtime.ro_binds.clone(), None)
+                    .await
+                {
+                    Ok(p) => Some(p),
+                    Err(e) => return StageReport::internal(e, limits),
+                }
+            }
+            None => None,
+        };
+        if let Some(prepared) = prepared {
+            // A warm interpreter gets the program's own argv: from `{file}` on.
+            let program_argv = template
+                .iter()
+                .position(|a| a == "{file}")
+                .and_then(|at| argv.get(at..))
+                .map(<[String]>::to_vec)
+                .unwrap_or_default();
+            return self
+                .run_prepared(prepared, argv, program_argv, &request.runtime.env, &ctx)
+                .await;
+        }
+        let plan = StagePlan {
+            argv,
+            env: &request.runtime.env,
+            ro_binds: &request.runtime.ro_binds,
+            ro_binds_at: &[],
+            slot_dir: &slot.dir,
+            path: &self.sandbox_path,
+        };
+        let command = match backend.build(&plan) {
+            Ok(c) => c,
+            Err(e) => return StageReport::internal(e, limits),
+        };
+        run_stage(command, ctx).await
+    }
+
+    /// Hand the stage to the prepared sandbox: its command to the waiting helper, or its
+    /// program to the waiting interpreter.
+    pub(super) async fn run_prepared(
+        &self,
+        prepared: PreparedSandbox,
+        argv: Vec<String>,
+        program_argv: Vec<String>,
+        runtime_env: &[(String, String)],
+        ctx: &RunContext<'_>,
+    ) -> StageReport {
+        // Inside the sandbox's user namespace the helper (its pid 1) shares the stage's
+        // count (the user namespace was made under the looser ceiling above).
+        let ctx = &RunContext {
+            backend_processes: 1,
+            status_pipe: Some(&prepared.status),
+            launcher: ctx.launcher.clone(),
+            ..*ctx
+        };
+        let (pipe, json) = match prepared.waiting {
+            Waiting::Command(control) => {
+                let mut argv = argv.into_iter();
+                let program = argv.next().unwrap_or_default().into_bytes();
+                let spec = exec_spec(program, argv, &self.sandbox_path, runtime_env, ctx);
+                (control, serde_json::to_vec(&spec))
+            }
+            Waiting::Warm { request, .. } => {
+                let warm = WarmRequest::new(program_argv, &rlimits(ctx));
+                (request, Ok(warm.encode()))
+            }
+        };
+        let json = match json {
+            Ok(j) => j,
+            Err(e) => return StageReport::internal(e, ctx.limits),
+        };
+        let start = StageStart::now(ctx);
+        if !hand_over(pipe, json).await {
+            prepared.spawned.discard(ctx.cgroup).await;
+            return StageReport::internal(
+                "the prepared sandbox did not take the command",
+                ctx.limits,
+            );
+        }
+        supervise(prepared.spawned, ctx, start).await
+    }
+}
+
+/// Replace `{file}` with the entry file's name and `{stem}` with that name's final
+/// component without its extension.
+pub(super) fn fill_template(template: &[String], entry: &str) -> Vec<String> {
+    let base = entry.rsplit('/').next().unwrap_or(entry);
+    let stem = base.rsplit_once('.').map_or(base, |(stem, _)| stem);
+    template
+        .iter()
+        .map(|part| part.replace("{file}", entry).replace("{stem}", stem))
+        .collect()
+}
+
+/// Whether idle sandboxes may keep `runtime` started (see `warm.rs`).
+pub(super) fn warmable(runtime: &Runtime) -> bool {
+    runtime.warm.is_some()
+        && runtime.compile.is_none()
+        && runtime.backend == BackendKind::Bwrap
+        && runtime.availability.available
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn templates_fill_file_and_stem() {
+        let t = vec![
+            "java".to_string(),
+            "-cp".into(),
+            ".".into(),
+            "{stem}".into(),
+        ];
+        assert_eq!(
+            super::fill_template(&t, "src/Main.java"),
+            vec!["java", "-cp", ".", "Main"]
+        );
+        let t = vec!["python3".to_string(), "{file}".into()];
+        assert_eq!(
+            super::fill_template(&t, "main.py"),
+            vec!["python3", "main.py"]
+        );
+    }
+}
