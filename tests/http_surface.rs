@@ -1171,3 +1171,258 @@ async fn api_keys_accept_the_bearer_scheme_in_any_case_and_nothing_but_the_key()
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Second review of the HTTP surface
+
+/// Read a chunked HTTP/1 answer slowly (`chunk` bytes every `pause`) until its last chunk,
+/// the connection's end, or `limit`: whether the whole answer arrived, and its size.
+async fn read_chunked_slowly(
+    s: &mut TcpStream,
+    chunk: usize,
+    pause: Duration,
+    limit: Duration,
+) -> (bool, usize) {
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; chunk];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) | Ok(Ok(0) | Err(_)) => return (false, seen.len()),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+        if seen.ends_with(b"\r\n0\r\n\r\n") {
+            return (true, seen.len());
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+#[tokio::test]
+async fn pipelined_bytes_do_not_hide_that_a_queued_client_left() {
+    bounded(120, async {
+        let (d, logs) = daemon(&[
+            ("MDE_EXECUTION__MAX_CONCURRENT", "1"),
+            ("MDE_EXECUTION__QUEUE_SIZE", "4"),
+            ("MDE_SANDBOX__UID_BASE", "65800"),
+        ])
+        .await;
+        let client = client();
+        let base = d.base.clone();
+        let long = tokio::spawn({
+            let (client, url) = (client.clone(), format!("{base}/submit_code"));
+            async move {
+                post(
+                    &client,
+                    url,
+                    &json!({"code": "import time; time.sleep(6)"}),
+                    None,
+                )
+                .await
+            }
+        });
+        eventually(
+            Duration::from_secs(10),
+            "the long run never started",
+            || {
+                let (client, base) = (&client, &base);
+                async move { ready(client, base).await["running"] == 1 }
+            },
+        )
+        .await;
+        // hyper looks for the end of the stream only when it has nothing buffered: a byte
+        // or a whole request after the submission used to hide the hang-up.
+        let mut queued = Vec::new();
+        for (n, trailer) in [&b"G"[..], b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"]
+            .into_iter()
+            .enumerate()
+        {
+            let mut s = TcpStream::connect(d.addr()).await.expect("connect");
+            let body = json!({"code": format!("print('abandoned-{n}')")}).to_string();
+            let mut bytes = raw_post("/submit_code", &body);
+            bytes.extend_from_slice(trailer);
+            s.write_all(&bytes).await.expect("send");
+            queued.push(s);
+        }
+        eventually(
+            Duration::from_secs(5),
+            "the submissions never queued",
+            || {
+                let (client, base) = (&client, &base);
+                async move { ready(client, base).await["waiting"] == 2 }
+            },
+        )
+        .await;
+        drop(queued);
+        eventually(Duration::from_secs(2), "the queue did not empty", || {
+            let (client, base) = (&client, &base);
+            async move { ready(client, base).await["waiting"] == 0 }
+        })
+        .await;
+        let (status, body, _) = long.await.expect("the long run's task");
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let text = metrics_text(&client, &base).await;
+        let ran = metric(&text, "mde_executions_total", &["runtime=\"python3\""]);
+        assert_eq!(
+            ran,
+            1.0,
+            "only the long run ran:\n{text}\nlog:\n{}",
+            logs.tail()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn heads_waiting_for_their_bodies_beyond_the_cap_lock_nobody_out() {
+    bounded(90, async {
+        let (d, logs) = daemon(&[
+            ("MDE_SERVER__MAX_CONNECTIONS", "50"),
+            ("MDE_SANDBOX__UID_BASE", "65820"),
+        ])
+        .await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // 60 sockets, each sending a head that promises a body it never sends, and
+        // reconnecting at once when closed (bounded by `stop` and the test's time).
+        let mut attackers = Vec::new();
+        for _ in 0..60 {
+            let (addr, stop) = (d.addr(), Arc::clone(&stop));
+            attackers.push(tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(mut s) = TcpStream::connect(&addr).await else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
+                    let head = "POST /api/v1/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = read_for(&mut s, Duration::from_secs(5)).await;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let client = client();
+        for i in 0..8 {
+            let started = Instant::now();
+            let resp = client.get(format!("{}/health", d.base)).send().await;
+            let status = resp.map(|r| r.status().as_u16()).unwrap_or(0);
+            assert_eq!(status, 200, "health check {i}; log:\n{}", logs.tail());
+            assert!(
+                started.elapsed() < Duration::from_millis(1500),
+                "health check {i} took {:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for a in attackers {
+            a.abort();
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_answer_still_being_sent_is_never_evicted() {
+    bounded(120, async {
+        let (d, logs) = daemon(&[
+            ("MDE_SERVER__MAX_CONNECTIONS", "20"),
+            ("MDE_SANDBOX__UID_BASE", "65840"),
+        ])
+        .await;
+        // 12 MiB of output (more than the kernel's socket buffers hold), read at about 1.3 MB/s
+        // while 40 empty connections arrive.
+        let body =
+            json!({"runtime": "python3", "code": "import sys\nsys.stdout.write('x' * (12 << 20))",
+                          "limits": {"output_bytes": 16 * MIB}})
+            .to_string();
+        let mut s = TcpStream::connect(d.addr()).await.expect("connect");
+        s.write_all(&raw_post("/api/v1/execute", &body))
+            .await
+            .expect("send");
+        let reader = tokio::spawn(async move {
+            read_chunked_slowly(
+                &mut s,
+                64 * 1024,
+                Duration::from_millis(50),
+                Duration::from_secs(60),
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut idle = Vec::new();
+        for _ in 0..40 {
+            if let Ok(s) = TcpStream::connect(d.addr()).await {
+                idle.push(s);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (whole, size) = reader.await.expect("the reader");
+        assert!(
+            whole,
+            "the answer was cut after {size} bytes; log:\n{}",
+            logs.tail()
+        );
+        assert!(size > 12 << 20, "{size}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_client_address_cannot_hold_the_whole_response_budget() {
+    bounded(150, async {
+        let (d, logs) = daemon(&[
+            ("MDE_EXECUTION__MAX_CONCURRENT", "2"),
+            ("MDE_SANDBOX__UID_BASE", "65860"),
+        ])
+        .await;
+        // From 127.0.0.2: eight submissions of 16 MiB answers (64 MiB reserved each, the
+        // default budget is 512 MiB), never read.
+        let body = json!({"runtime": "python3",
+                          "code": "import sys\nsys.stdout.write('\"' * (16 << 20))",
+                          "limits": {"output_bytes": 16 * MIB}})
+        .to_string();
+        let mut hogs = Vec::new();
+        for _ in 0..8 {
+            let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+            socket
+                .bind("127.0.0.2:0".parse().expect("an address"))
+                .expect("bind 127.0.0.2");
+            let mut s = socket
+                .connect(d.addr().parse().expect("the daemon's address"))
+                .await
+                .expect("connect");
+            s.write_all(&raw_post("/api/v1/execute", &body))
+                .await
+                .expect("send");
+            hogs.push(s);
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Another client is served at once, not after the queue wait.
+        let started = Instant::now();
+        let (status, answer, _) = post(
+            &client(),
+            format!("{}/submit_code", d.base),
+            &json!({"code": "print(1)"}),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}; log:\n{}", logs.tail());
+        assert_eq!(answer["output"], "1\n");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "served after {:?}",
+            started.elapsed()
+        );
+        // The hogs past their share were told so at once.
+        let mut refused = 0;
+        for s in &mut hogs {
+            let (bytes, _) = read_for(s, Duration::from_millis(200)).await;
+            if bytes.starts_with(b"HTTP/1.1 429") {
+                refused += 1;
+            }
+        }
+        assert!(refused >= 4, "{refused} of 8 hog submissions refused");
+    })
+    .await;
+}

@@ -158,8 +158,15 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
             budget: &self.budget,
             units: self.budget_units,
         };
+        // Receiving a body does not protect the connection from eviction at the cap.
+        let receiving = req
+            .extensions()
+            .get::<crate::server::ConnActivity>()
+            .map(crate::server::ConnActivity::receiving_body);
         let read = tokio::time::timeout(self.timeout, req.take_body().into_bytes_limit(self.max));
-        match read.await {
+        let read = read.await;
+        drop(receiving);
+        match read {
             Ok(Ok(bytes)) => req.set_body(bytes),
             Ok(Err(poem::error::ReadBodyError::PayloadTooLarge)) => return Ok(too_large()),
             Ok(Err(e)) => {

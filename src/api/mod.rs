@@ -55,6 +55,8 @@ pub struct AppState {
 pub struct RequestId {
     pub id: String,
     pub client_gone: crate::server::ClientGone,
+    /// The client's address, when it came over TCP (its share of the response budget).
+    pub peer: Option<std::net::IpAddr>,
     /// The answer's share of the response budget, released once it is sent.
     pub(crate) reservation: response_budget::Reservation,
 }
@@ -68,8 +70,7 @@ impl AppState {
     ) -> Result<ExecutionReport, ApiError> {
         let started = Instant::now();
         let runtime = request.runtime.name.clone();
-        let gone = request_id.client_gone.0.clone();
-        let result = self.reserve_and_execute(request_id, request, gone).await;
+        let result = self.reserve_and_execute(request_id, request).await;
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         match &result {
             Ok(report) => {
@@ -104,16 +105,17 @@ impl AppState {
         &self,
         request_id: &RequestId,
         request: ExecutionRequest,
-        gone: tokio_util::sync::CancellationToken,
     ) -> Result<ExecutionReport, crate::execution::ExecuteError> {
+        let gone = &request_id.client_gone;
         use crate::execution::ExecuteError;
         let wait = std::time::Duration::from_millis(self.settings.execution.max_queue_wait_ms);
         let bytes = response_budget::worst_case_bytes(&request);
-        let permit = tokio::select! {
-            p = tokio::time::timeout(wait, self.responses.reserve(bytes)) => p.ok().flatten(),
-            () = gone.cancelled() => return Err(ExecuteError::Abandoned),
+        let reserve = self.responses.reserve(bytes, request_id.peer);
+        let reserved = tokio::select! {
+            r = tokio::time::timeout(wait, reserve) => r.ok().and_then(Result::ok),
+            () = gone.wait() => return Err(ExecuteError::Abandoned),
         };
-        let Some(permit) = permit else {
+        let Some(reserved) = reserved else {
             self.metrics
                 .http_refused(crate::metrics::HttpGuard::ResponseBudget);
             return Err(ExecuteError::Busy(crate::execution::Busy {
@@ -121,10 +123,8 @@ impl AppState {
                 waiting: self.executor.waiting(),
             }));
         };
-        request_id.reservation.hold(permit);
-        self.executor
-            .execute(request, async move { gone.cancelled().await })
-            .await
+        request_id.reservation.hold(reserved);
+        self.executor.execute(request, gone.wait()).await
     }
 }
 
@@ -174,6 +174,7 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = Response> {
         std::time::Duration::from_millis(server.body_read_timeout_ms),
         Arc::clone(&state.metrics),
     );
+    let answer_grace = std::time::Duration::from_millis(server.write_timeout_ms);
     let metrics = Arc::clone(&state.metrics);
     let api_keys = Arc::new(ApiKeys::new(&state.settings.server.api_keys));
     Route::new()
@@ -192,7 +193,7 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = Response> {
         })
         .around(move |ep, req| require_api_key(ep, req, Arc::clone(&api_keys)))
         .around(move |ep, req| count_rejections(ep, req, Arc::clone(&metrics)))
-        .around(with_request_id)
+        .around(move |ep, req| with_request_id(ep, req, answer_grace))
         .data(state)
 }
 
@@ -287,7 +288,11 @@ async fn require_api_key<E: Endpoint>(
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-async fn with_request_id<E: Endpoint>(ep: Arc<E>, mut req: Request) -> poem::Result<Response> {
+async fn with_request_id<E: Endpoint>(
+    ep: Arc<E>,
+    mut req: Request,
+    answer_grace: std::time::Duration,
+) -> poem::Result<Response> {
     let id = req
         .header("x-request-id")
         .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
@@ -302,13 +307,15 @@ async fn with_request_id<E: Endpoint>(ep: Arc<E>, mut req: Request) -> poem::Res
         .cloned()
         .unwrap_or_default();
     let reservation = response_budget::Reservation::default();
+    let peer = req.remote_addr().as_socket_addr().map(|a| a.ip());
     req.extensions_mut().insert(RequestId {
         id: id.clone(),
         client_gone,
+        peer,
         reservation: reservation.clone(),
     });
     let mut resp = ep.call(req).await?.into_response();
-    let body = reservation.attach(resp.take_body()).await;
+    let body = reservation.attach(resp.take_body(), answer_grace).await;
     resp.set_body(body);
     if let Ok(value) = id.parse() {
         resp.headers_mut().insert("x-request-id", value);

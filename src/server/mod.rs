@@ -17,28 +17,25 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use poem::http::uri::Scheme;
 use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Endpoint, IntoResponse};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_io_timeout::TimeoutStream;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod connection;
+
+pub use connection::{ClientGone, ConnActivity};
+use connection::{ConnIo, Connections, Held};
+
 use crate::config::ServerSettings;
 use crate::metrics::{HttpGuard, Metrics};
-
-/// Fires when the client of this request's connection has closed or reset it.
-#[derive(Debug, Clone, Default)]
-pub struct ClientGone(pub CancellationToken);
 
 /// What the loop enforces, from `server.*` settings.
 #[derive(Debug, Clone, Copy)]
@@ -132,28 +129,32 @@ where
         };
         let _ = tcp.set_nodelay(true);
         let io = ConnIo::new(tcp, permit, limits.write_timeout, Arc::clone(&metrics));
-        let gone = io.gone.clone();
+        let gone = io.client_gone();
         let (endpoint, local, remote) = (
             Arc::clone(&endpoint),
             local.clone(),
             RemoteAddr(peer.into()),
         );
         let stop = stop.clone();
-        let (evict, busy, _registered) = idle.register();
+        let (evict, activity, registered) = idle.register();
         tracker.spawn(async move {
             let service = hyper::service::service_fn(move |mut req| {
-                req.extensions_mut().insert(ClientGone(gone.clone()));
+                req.extensions_mut().insert(gone.clone());
+                req.extensions_mut().insert(activity.clone());
                 let request =
                     poem::Request::from((req, local.clone(), remote.clone(), Scheme::HTTP));
                 let endpoint = Arc::clone(&endpoint);
-                let busy = Busy::start(&busy);
+                // In progress until its answer's last byte is written, not just produced.
+                let busy = activity.request_started();
                 async move {
-                    let _busy = busy;
                     let response = match endpoint.call(request).await {
                         Ok(r) => r.into_response(),
                         Err(e) => e.into_response(),
                     };
-                    Ok::<_, Infallible>(hyper::Response::from(response))
+                    Ok::<_, Infallible>(hyper::Response::from(response).map(|body| Held {
+                        body,
+                        _until_sent: busy,
+                    }))
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -169,7 +170,7 @@ where
                 _ = evict.cancelled() => return,
             }
             let _ = conn.await;
-            drop(_registered);
+            drop(registered);
         });
     }
     // Stop accepting; idle connections close at once, busy ones after their response.
@@ -185,94 +186,6 @@ where
 /// How long a new connection waits for an evicted idle one to give back its place.
 const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
-/// The open connections, oldest first, with how many requests each has in progress.
-#[derive(Default)]
-struct Connections {
-    next: std::sync::atomic::AtomicU64,
-    open: std::sync::Mutex<std::collections::BTreeMap<u64, Entry>>,
-}
-
-struct Entry {
-    busy: Arc<std::sync::atomic::AtomicUsize>,
-    evict: CancellationToken,
-}
-
-/// Removes a connection from [`Connections`] when its task ends.
-struct Registered {
-    id: u64,
-    all: Arc<Connections>,
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        if let Ok(mut open) = self.all.open.lock() {
-            open.remove(&self.id);
-        }
-    }
-}
-
-impl Connections {
-    fn register(
-        self: &Arc<Self>,
-    ) -> (
-        CancellationToken,
-        Arc<std::sync::atomic::AtomicUsize>,
-        Registered,
-    ) {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let evict = CancellationToken::new();
-        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        if let Ok(mut open) = self.open.lock() {
-            open.insert(
-                id,
-                Entry {
-                    busy: Arc::clone(&busy),
-                    evict: evict.clone(),
-                },
-            );
-        }
-        let registered = Registered {
-            id,
-            all: Arc::clone(self),
-        };
-        (evict, busy, registered)
-    }
-
-    /// Close the oldest connection that has no request in progress; false if none is idle.
-    fn evict_oldest(&self) -> bool {
-        let Ok(mut open) = self.open.lock() else {
-            return false;
-        };
-        let idle = open
-            .iter()
-            .find(|(_, e)| e.busy.load(std::sync::atomic::Ordering::SeqCst) == 0)
-            .map(|(id, _)| *id);
-        match idle.and_then(|id| open.remove(&id)) {
-            Some(entry) => {
-                entry.evict.cancel();
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-/// Counts one request in progress on its connection while alive.
-struct Busy(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Busy {
-    fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> Busy {
-        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Busy(Arc::clone(count))
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 /// Errors about one incoming connection, not about the listener: accept again at once.
 fn is_transient(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted, WouldBlock};
@@ -280,80 +193,6 @@ fn is_transient(e: &std::io::Error) -> bool {
         e.kind(),
         ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
     )
-}
-
-/// One connection's socket: a write timeout, a token that fires when the peer closes, and
-/// the connection-cap permit, released with the socket.
-struct ConnIo {
-    inner: Pin<Box<TimeoutStream<TcpStream>>>,
-    gone: CancellationToken,
-    metrics: Arc<Metrics>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl ConnIo {
-    fn new(
-        tcp: TcpStream,
-        permit: OwnedSemaphorePermit,
-        write_timeout: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let mut stream = TimeoutStream::new(tcp);
-        // Only writes: a read is pending for as long as a handler runs (hyper watches
-        // for the peer's EOF), so a read timeout would cut long executions short.
-        stream.set_write_timeout(Some(write_timeout));
-        metrics.connection_opened();
-        ConnIo {
-            inner: Box::pin(stream),
-            gone: CancellationToken::new(),
-            metrics,
-            _permit: permit,
-        }
-    }
-}
-
-impl Drop for ConnIo {
-    fn drop(&mut self) {
-        self.gone.cancel();
-        self.metrics.connection_closed();
-    }
-}
-
-impl AsyncRead for ConnIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let wanted = buf.remaining() > 0;
-        let polled = self.inner.as_mut().poll_read(cx, buf);
-        match &polled {
-            // End of stream: the client closed its side, so nobody waits for an answer.
-            Poll::Ready(Ok(())) if wanted && buf.filled().len() == before => self.gone.cancel(),
-            Poll::Ready(Err(_)) => self.gone.cancel(),
-            _ => {}
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for ConnIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.inner.as_mut().poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.inner.as_mut().poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.inner.as_mut().poll_shutdown(cx)
-    }
 }
 
 /// The open-files limit cannot hold what the settings need.
