@@ -2,6 +2,7 @@
 # Install what the daemon and its tests need from Debian's packages (run as root).
 #   bubblewrap      the default sandbox
 #   prometheus      promtool and the server, for the monitoring checks and end-to-end test
+#   python3-venv curl   the contract test's schemathesis venv and its readiness probe
 #   ruby php-cli lua5.4 golang-go rustc   toolchains for the shipped runtimes (python3, node, bash,
 #                   perl, gcc, g++ and java are on the base image; missing ones are reported
 #                   as unavailable, and their tests are skipped with a message)
@@ -10,7 +11,7 @@ set -euo pipefail
 
 packages=(bubblewrap)
 if [[ "${1:-}" != "--minimal" ]]; then
-  packages+=(prometheus ruby php-cli lua5.4 golang-go rustc python3 bash perl gcc g++)
+  packages+=(prometheus ruby php-cli lua5.4 golang-go rustc python3 python3-venv curl bash perl gcc g++)
 fi
 
 missing=()

@@ -5,25 +5,30 @@
 
 use serde::{Deserialize, Serialize};
 
-/// One complete set of limits for a stage. Every field is enforced by the kernel or the runner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+/// One complete set of limits for a stage. Every field is enforced by the kernel or the
+/// runner. The API publishes it as `LimitsInfo` (`GET /api/v1/runtimes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, poem_openapi::Object)]
 #[serde(deny_unknown_fields)]
+#[oai(rename = "LimitsInfo")]
 pub struct Limits {
-    /// Wall-clock time; the whole process tree is killed when it runs out.
+    /// Wall-clock time in milliseconds; the whole process tree is killed after it.
     pub wall_time_ms: u64,
-    /// CPU time per process (RLIMIT_CPU), rounded up to whole seconds by the kernel.
+    /// CPU time in milliseconds, of the whole process tree where the host's cgroups count
+    /// it (see `cpu_enforcement` in `GET /health`), with RLIMIT_CPU (per process, whole
+    /// seconds) behind it.
     pub cpu_time_ms: u64,
-    /// Memory: a memory cgroup's limit where available, else RLIMIT_AS.
+    /// Memory in bytes (memory cgroup, or RLIMIT_AS as a fallback).
     pub memory_bytes: u64,
-    /// Processes and threads of the sandbox's uid (RLIMIT_NPROC).
+    /// Processes and threads (RLIMIT_NPROC of the slot's own uid).
     pub processes: u64,
-    /// Largest file the code may write (RLIMIT_FSIZE).
+    /// Largest file the program may write, in bytes (RLIMIT_FSIZE).
     pub file_size_bytes: u64,
     /// Open file descriptors per process (RLIMIT_NOFILE).
     pub open_files: u64,
-    /// Bytes kept per output stream; more ends the run with `output_limit`.
+    /// Bytes kept per output stream (counted as the JSON they become); more stops the
+    /// program (`output_limit`).
     pub output_bytes: u64,
-    /// Size of the writable work dir plus /tmp (a sized tmpfs).
+    /// Size of the work dir plus /tmp in bytes (a sized tmpfs).
     pub workdir_bytes: u64,
 }
 

@@ -371,3 +371,27 @@ async fn api_keys_guard_the_code_running_endpoints_only() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_cpu_timeout_answers_exactly_as_the_original_did() {
+    bounded(60, async {
+        let mut s = test_settings();
+        // Below the wall clock, so the CPU budget is what ends these runs.
+        s.limits.cpu_time_ms = 1000;
+        s.limits.wall_time_ms = 20_000;
+        let t = app_with(s).await;
+        let one = "while True: pass";
+        let several = "import os\nfor _ in range(3):\n    if os.fork() == 0:\n        break\nimport sys\nsys.stderr.write('spinning\\n')\nwhile True: pass";
+        for code in [one, several] {
+            let r = t.submit(code, None).await;
+            assert_eq!(r["timeout"], true, "{r}");
+            assert_eq!(r["return_code"], -1, "{r}");
+            assert_eq!(r["status"], "failure", "{r}");
+            assert_eq!(
+                r["error"], "TimeoutExpired: Command exceeded 1 seconds.",
+                "exactly the original's message, nothing in front: {r}"
+            );
+        }
+    })
+    .await;
+}

@@ -52,7 +52,7 @@ impl poem_openapi::types::Example for Health {
 
 /// Readiness: capacity, load and the state of the runtimes file.
 #[derive(Debug, Object)]
-#[oai(example)]
+#[oai(example, skip_serializing_if_is_none)]
 pub struct Readiness {
     /// True when the default runtime can run.
     pub ready: bool,

@@ -158,18 +158,23 @@ fn to_seed_shape(report: &ExecutionReport) -> Option<SubmitCodeResponse> {
     let mut error = String::from_utf8_lossy(&stage.stderr).into_owned();
     let limits = &stage.limits;
     let limit_line = match stage.limit {
+        // The original service answered exactly this, with nothing else in `error`, for any
+        // run that ran out of time; which clock it was (and the partial output) is in
+        // `/api/v1/execute`'s answer.
         Some(LimitKind::WallTime) => {
-            // The original service answered exactly this, with nothing else in `error`.
             error = format!(
                 "TimeoutExpired: Command exceeded {} seconds.",
                 seconds(limits.wall_time_ms)
             );
             None
         }
-        Some(LimitKind::CpuTime) => Some(format!(
-            "TimeoutExpired: Command exceeded {} seconds of CPU time.",
-            seconds(limits.cpu_time_ms.div_ceil(1000) * 1000)
-        )),
+        Some(LimitKind::CpuTime) => {
+            error = format!(
+                "TimeoutExpired: Command exceeded {} seconds.",
+                seconds(limits.cpu_time_ms)
+            );
+            None
+        }
         Some(LimitKind::Memory) => Some(format!(
             "MemoryLimitExceeded: Command exceeded {} bytes of memory.",
             limits.memory_bytes

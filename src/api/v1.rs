@@ -175,7 +175,9 @@ pub enum Verdict {
 }
 
 /// The result of one stage.
+/// Optional fields are absent when empty, never `null` (the rule for every answer).
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct StageResult {
     pub status: Status,
     /// stdout, as UTF-8 text or, when it is not valid UTF-8, base64 (see `stdout_encoding`).
@@ -207,7 +209,7 @@ pub struct StageResult {
 
 /// The result of a submission.
 #[derive(Debug, Object)]
-#[oai(example)]
+#[oai(example, skip_serializing_if_is_none)]
 pub struct ExecuteResponse {
     /// The runtime that ran (its name, even when an alias was asked for).
     pub runtime: String,
@@ -464,44 +466,9 @@ fn to_response(
     }
 }
 
-/// A set of limits.
-#[derive(Debug, Object)]
-pub struct LimitsInfo {
-    /// Wall-clock time in milliseconds; the whole process tree is killed after it.
-    pub wall_time_ms: u64,
-    /// CPU time per process in milliseconds (RLIMIT_CPU, whole seconds).
-    pub cpu_time_ms: u64,
-    /// Memory in bytes (memory cgroup, or RLIMIT_AS as a fallback).
-    pub memory_bytes: u64,
-    /// Processes and threads (RLIMIT_NPROC of the slot's own uid).
-    pub processes: u64,
-    /// Largest file the program may write, in bytes (RLIMIT_FSIZE).
-    pub file_size_bytes: u64,
-    /// Open file descriptors per process (RLIMIT_NOFILE).
-    pub open_files: u64,
-    /// Bytes kept per output stream; more stops the program (`output_limit`).
-    pub output_bytes: u64,
-    /// Size of the work dir plus /tmp in bytes (a sized tmpfs).
-    pub workdir_bytes: u64,
-}
-
-impl From<&Limits> for LimitsInfo {
-    fn from(l: &Limits) -> Self {
-        LimitsInfo {
-            wall_time_ms: l.wall_time_ms,
-            cpu_time_ms: l.cpu_time_ms,
-            memory_bytes: l.memory_bytes,
-            processes: l.processes,
-            file_size_bytes: l.file_size_bytes,
-            open_files: l.open_files,
-            output_bytes: l.output_bytes,
-            workdir_bytes: l.workdir_bytes,
-        }
-    }
-}
-
 /// A configured runtime.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct RuntimeInfo {
     /// The name requests use.
     pub name: String,
@@ -527,11 +494,11 @@ pub struct RuntimeInfo {
     /// The sandbox backend it runs under.
     pub backend: String,
     /// Defaults of the run stage.
-    pub limits: LimitsInfo,
+    pub limits: Limits,
     /// The most a request may ask for.
-    pub max_limits: LimitsInfo,
+    pub max_limits: Limits,
     /// Limits of the compile stage, for compiled runtimes.
-    pub compile_limits: Option<LimitsInfo>,
+    pub compile_limits: Option<Limits>,
 }
 
 #[derive(ApiResponse)]
@@ -570,9 +537,9 @@ impl RuntimesApi {
                     available: r.availability.available,
                     unavailable_reason: r.availability.reason.clone(),
                     backend: r.backend.as_str().into(),
-                    limits: (&r.limits).into(),
-                    max_limits: (&r.max_limits).into(),
-                    compile_limits: r.compile.as_ref().map(|_| (&r.compile_limits).into()),
+                    limits: r.limits,
+                    max_limits: r.max_limits,
+                    compile_limits: r.compile.as_ref().map(|_| r.compile_limits),
                 })
                 .collect(),
         ))
