@@ -56,6 +56,8 @@ pub struct ServerSettings {
     pub api_keys: Vec<String>,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` wins when set.
     pub log_level: String,
+    /// `text` (coloured only on a terminal) or `json` (one object per line, for shippers).
+    pub log_format: LogFormat,
     /// How long a graceful shutdown waits for in-flight executions.
     pub shutdown_grace_seconds: u64,
     /// Open connections at most; one more gets a canned 503 and is closed.
@@ -96,6 +98,14 @@ pub struct ExecutionSettings {
     pub work_root: PathBuf,
     /// The longest a submission waits in the queue; then it is answered 429 busy.
     pub max_queue_wait_ms: u64,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -165,6 +175,7 @@ impl Default for ServerSettings {
             max_body_bytes: 2 * 1024 * 1024,
             api_keys: Vec::new(),
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             shutdown_grace_seconds: 15,
             max_connections: 512,
             header_read_timeout_ms: 10_000,

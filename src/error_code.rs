@@ -18,6 +18,8 @@ pub enum ErrorCode {
     BadRequest,
     /// 413: the body is larger than `server.max_body_bytes`.
     PayloadTooLarge,
+    /// 415: the body is not `application/json` (or has no `Content-Type`).
+    UnsupportedMediaType,
     /// 408: the body did not arrive within `server.body_read_timeout_ms`.
     RequestTimeout,
     /// 422: no runtime has that name or alias.
@@ -44,9 +46,10 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadRequest,
         ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
         ErrorCode::RequestTimeout,
         ErrorCode::UnknownRuntime,
         ErrorCode::VersionMismatch,
@@ -65,6 +68,7 @@ impl ErrorCode {
         match self {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::UnknownRuntime => "unknown_runtime",
             ErrorCode::VersionMismatch => "version_mismatch",
@@ -86,6 +90,7 @@ impl ErrorCode {
         match self {
             ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::UnknownRuntime
             | ErrorCode::VersionMismatch
@@ -117,7 +122,8 @@ impl ErrorCode {
             | ErrorCode::InvalidRequest
             | ErrorCode::NotFound
             | ErrorCode::MethodNotAllowed
-            | ErrorCode::InternalError => ErrorCode::BadRequest,
+            | ErrorCode::InternalError
+            | ErrorCode::UnsupportedMediaType => ErrorCode::BadRequest,
         }
     }
 
@@ -138,6 +144,7 @@ impl ErrorCode {
             StatusCode::NOT_FOUND => ErrorCode::NotFound,
             StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
             StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
             s if s.is_server_error() => ErrorCode::InternalError,
             _ => ErrorCode::BadRequest,
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mixed_docker_executor::app::App;
-use mixed_docker_executor::config::Settings;
+use mixed_docker_executor::config::{LogFormat, Settings};
 use mixed_docker_executor::server::{self, ConnectionLimits};
 use std::sync::Arc;
 use tracing_subscriber::EnvFilter;
@@ -34,7 +34,27 @@ enum Command {
     CheckConfig,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Once, as one message with its causes, never a backtrace: a configuration
+            // mistake is not a crash.
+            let mut message = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !message.contains(&cause) {
+                    message.push_str(": ");
+                    message.push_str(&cause);
+                }
+            }
+            eprintln!("error: {message}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run_main() -> anyhow::Result<()> {
     // A slot launcher (see execution/launcher.rs) is this binary started by the daemon.
     use mixed_docker_executor::execution::{LAUNCHER_ARG, STAGE_EXEC_ARG};
     match std::env::args().nth(1).as_deref() {
@@ -67,7 +87,14 @@ async fn run() -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.server.log_level))
         .context("invalid log level (server.log_level or RUST_LOG)")?;
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match settings.server.log_format {
+        LogFormat::Json => logs.json().init(),
+        // Colours only for a person at a terminal, never into a file or a journal.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
+    }
 
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => check_config(settings).await,
@@ -104,6 +131,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let info = app.state.executor.info();
+    if !addr.0.is_loopback() && app.state.settings.server.api_keys.is_empty() {
+        tracing::warn!(
+            host = %addr.0,
+            "listening beyond loopback without API keys: anyone who can reach this port can run code; set server.api_keys (MDE_SERVER__API_KEYS)"
+        );
+    }
     if !info.isolated() {
         tracing::warn!(
             "!!! ISOLATION IS OFF: the `process` backend runs submissions as plain processes with host access. Use it for development only. !!!"

@@ -251,9 +251,15 @@ impl Metrics {
             self.runtime_available
                 .with_label_values(&[runtime.name.as_str()])
                 .set(available);
+            // Every series exists from start-up at 0, so a dashboard's failure panel shows
+            // 0 rather than "No data" until the first failure.
             for status in StageStatus::ALL {
                 self.executions
                     .with_label_values(&[runtime.name.as_str(), status.as_str()]);
+                if status != StageStatus::Ok {
+                    self.failures
+                        .with_label_values(&[runtime.name.as_str(), status.as_str()]);
+                }
             }
         }
     }

@@ -48,6 +48,7 @@ impl ErrorBody {
     pub fn from_parse_error(err: &poem::Error) -> Self {
         let code = match err.status() {
             StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
             _ => ErrorCode::BadRequest,
         };
         ErrorBody::new(code, describe_error(err))
@@ -281,6 +282,7 @@ macro_rules! error_variants {
                 let body = ErrorBody::from_parse_error(&err);
                 match body.code {
                     ErrorCode::PayloadTooLarge => Self::PayloadTooLarge(ErrorJson(body)),
+                    ErrorCode::UnsupportedMediaType => Self::UnsupportedMediaType(ErrorJson(body)),
                     _ => Self::BadRequest(ErrorJson(body)),
                 }
             }

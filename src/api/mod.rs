@@ -191,10 +191,66 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = Response> {
                 errors::describe_error(&err),
             )
         })
+        .around(allow_on_405)
+        .around(root_points_to_docs)
         .around(move |ep, req| require_api_key(ep, req, Arc::clone(&api_keys)))
         .around(move |ep, req| count_rejections(ep, req, Arc::clone(&metrics)))
         .around(move |ep, req| with_request_id(ep, req, answer_grace))
         .data(state)
+}
+
+/// `GET /` points to the docs (a browser lands on Swagger UI); the spec is nested at `/`,
+/// so this is decided before routing.
+async fn root_points_to_docs<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response> {
+    if req.uri().path() == "/"
+        && matches!(
+            *req.method(),
+            poem::http::Method::GET | poem::http::Method::HEAD
+        )
+    {
+        return Ok(poem::web::Redirect::see_other("/docs").into_response());
+    }
+    ep.call(req).await.map(IntoResponse::into_response)
+}
+
+/// A 405 names the methods its path does answer (RFC 9110), as the spec lists them.
+async fn allow_on_405<E: Endpoint>(ep: Arc<E>, req: Request) -> poem::Result<Response> {
+    let path = req.uri().path().to_string();
+    let mut resp = ep.call(req).await?.into_response();
+    if resp.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED
+        && !resp.headers().contains_key("allow")
+    {
+        if let Some(value) = allowed_methods(&path).and_then(|m| m.parse().ok()) {
+            resp.headers_mut().insert(poem::http::header::ALLOW, value);
+        }
+    }
+    Ok(resp)
+}
+
+/// The methods of `path` in the spec (`GET, HEAD` for a GET), read from it once.
+fn allowed_methods(path: &str) -> Option<String> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<String, String>> =
+        std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let spec: serde_json::Value = serde_json::from_str(&spec_json()).unwrap_or_default();
+        let mut table = std::collections::HashMap::new();
+        table.insert("/metrics".to_string(), "GET, HEAD".to_string());
+        let paths = spec.get("paths").and_then(serde_json::Value::as_object);
+        for (path, ops) in paths.into_iter().flatten() {
+            let mut methods: Vec<String> = ops
+                .as_object()
+                .into_iter()
+                .flat_map(|o| o.keys())
+                .map(|m| m.to_ascii_uppercase())
+                .collect();
+            if methods.iter().any(|m| m == "GET") {
+                methods.push("HEAD".into());
+            }
+            table.insert(path.clone(), methods.join(", "));
+        }
+        table
+    });
+    table.get(path).cloned()
 }
 
 #[handler]

@@ -77,6 +77,9 @@ pub enum SubmitResponse {
     /// The body is larger than `server.max_body_bytes`.
     #[oai(status = 413)]
     PayloadTooLarge(ErrorJson),
+    /// The body is not JSON (`Content-Type: application/json`).
+    #[oai(status = 415)]
+    UnsupportedMediaType(ErrorJson),
     /// The runtime is unknown or not installed on this server.
     #[oai(status = 422)]
     Unprocessable(ErrorJson),

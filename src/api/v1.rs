@@ -270,6 +270,9 @@ pub enum ExecuteResult {
     /// The body is larger than `server.max_body_bytes`.
     #[oai(status = 413)]
     PayloadTooLarge(ErrorJson),
+    /// The body is not JSON (`Content-Type: application/json`).
+    #[oai(status = 415)]
+    UnsupportedMediaType(ErrorJson),
     /// Unknown or unavailable runtime, version mismatch, a limit above the maximum, or
     /// invalid files (`code` says which).
     #[oai(status = 422)]

@@ -28,7 +28,7 @@ pub enum RuntimesError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid runtimes file {path}: {message}")]
+    #[error("invalid runtimes file {path}:\n{message}")]
     Parse {
         path: PathBuf,
         /// Where the error is (1-based), when TOML says.
@@ -227,7 +227,8 @@ pub async fn load(path: &Path, settings: &Settings) -> Result<RuntimeSet, Runtim
     let file: RuntimesFile = toml::from_str(&text).map_err(|e| RuntimesError::Parse {
         path: path.to_path_buf(),
         line: e.span().map(|span| line_of(&text, span.start)),
-        message: e.to_string().trim_end().replace('\n', " "),
+        // TOML's diagnostic spans lines (the line, a caret under the column): keep them.
+        message: e.to_string().trim_end().to_string(),
     })?;
     let runtimes = validate(path, &file, settings)?;
     for r in runtimes

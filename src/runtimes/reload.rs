@@ -67,6 +67,13 @@ impl Reloader {
                     runtimes = set.runtimes.len(),
                     "runtimes reloaded"
                 );
+                // Say which runtimes a reload made unavailable, and why (a command that
+                // fails its probe, a version command that prints nothing...).
+                for r in &set.runtimes {
+                    if let Some(reason) = &r.availability.reason {
+                        tracing::warn!(runtime = %r.name, %reason, "runtime unavailable");
+                    }
+                }
                 self.observer.reloaded(Ok(&set));
                 self.registry.replace(set);
                 status.reloads_ok += 1;
