@@ -592,3 +592,27 @@ async fn crash_signals_do_not_reach_the_sandboxs_pid_1() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn shm_is_writable_sized_and_fresh_per_run() {
+    bounded(90, async {
+        let mut s = test_settings();
+        s.execution.max_concurrent = 1;
+        let t = app_with(s).await;
+        // multiprocessing's semaphores live in /dev/shm.
+        let pool = "import multiprocessing\nwith multiprocessing.Pool(2) as p:\n    print(p.map(abs, [-1, -2, 3]))";
+        let run = run_py(&t, pool, json!({})).await;
+        assert_eq!(run["stdout"], "[1, 2, 3]\n", "{run}");
+        // It counts against the work dir's size, like /box and /tmp.
+        let fill = "total = 0\ntry:\n    with open('/dev/shm/fill', 'wb') as f:\n        for _ in range(64):\n            f.write(b'x' * (1 << 20)); f.flush(); total += 1 << 20\nexcept OSError:\n    pass\nopen('/dev/shm/marker', 'w').write('left')\nprint(total)";
+        let run = run_py(&t, fill, json!({"workdir_bytes": 4 * MIB, "file_size_bytes": 128 * MIB})).await;
+        let written: u64 = stdout_of(&run).trim().parse().unwrap_or(u64::MAX);
+        if t.app.state.executor.info().sized_workdir {
+            assert!(written <= 4 * MIB, "{written} bytes in /dev/shm under a 4 MiB work dir");
+        }
+        // And it is gone for the next run.
+        let run = run_py(&t, "import os\nprint(sorted(os.listdir('/dev/shm')))", json!({})).await;
+        assert_eq!(run["stdout"], "[]\n", "{run}");
+    })
+    .await;
+}

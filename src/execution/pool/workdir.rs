@@ -63,7 +63,7 @@ impl SlotPool {
         if slot.uid.is_none() {
             return Ok(());
         }
-        for sub in ["box", "tmp"] {
+        for sub in WORK_DIRS {
             let dir = slot.dir.join(sub);
             let entries = std::fs::read_dir(&dir).map_err(at("reading", &dir))?;
             for entry in entries.flatten() {
@@ -112,7 +112,7 @@ impl SlotPool {
         } else {
             self.throw_away(slot)?;
         }
-        for dir in [slot.dir.join("box"), slot.dir.join("tmp")] {
+        for dir in WORK_DIRS.map(|sub| slot.dir.join(sub)) {
             std::fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&dir)
@@ -134,7 +134,7 @@ impl SlotPool {
             Err(e) => return Err(at("creating", &trash)(e)),
         }
         let mut moved = false;
-        for sub in ["box", "tmp"] {
+        for sub in WORK_DIRS {
             let path = slot.dir.join(sub);
             if path.symlink_metadata().is_err() {
                 continue;
@@ -152,6 +152,11 @@ impl SlotPool {
 }
 
 /// Where an unmounted slot's leftovers wait to be deleted.
+/// What a slot's tmpfs holds, each bound into the sandbox: the work dir (`/box`), `/tmp`,
+/// and `/dev/shm` (so POSIX semaphores and `multiprocessing` work, inside the same size
+/// limit, gone with the run).
+pub(crate) const WORK_DIRS: [&str; 3] = ["box", "tmp", "shm"];
+
 pub(super) const TRASH_DIR: &str = "trash";
 
 /// Delete everything below `dir` (but `dir` itself) with `rm -rf --one-file-system`: GNU

@@ -229,6 +229,7 @@ impl BwrapBackend {
         self.bind_args(plan.ro_binds, &mut args);
         let box_dir = plan.slot_dir.join("box");
         let tmp_dir = plan.slot_dir.join("tmp");
+        let shm_dir = plan.slot_dir.join("shm");
         push(&mut args, ["--proc".as_ref(), "/proc".as_ref()]);
         for file in MASKED_PROC_FILES.iter().filter(|f| Path::new(f).exists()) {
             push(
@@ -260,6 +261,11 @@ impl BwrapBackend {
                 "--bind".as_ref(),
                 tmp_dir.as_os_str(),
                 "/tmp".as_ref(),
+                // A separate mount: `/dev` is made read-only below, `/dev/shm` stays writable
+                // (on the slot's sized tmpfs).
+                "--bind".as_ref(),
+                shm_dir.as_os_str(),
+                "/dev/shm".as_ref(),
                 "--chdir".as_ref(),
                 "/box".as_ref(),
                 "--clearenv".as_ref(),
@@ -280,8 +286,8 @@ impl BwrapBackend {
         // Everything mounted so far is in place: make the root itself read-only, so the
         // only writable places are /box and /tmp (separate mounts, unaffected).
         push(&mut args, ["--remount-ro".as_ref(), "/".as_ref()]);
-        // --dev is an unsized tmpfs (with a writable /dev/shm): keep it read-only too, so
-        // the slot's tmpfs stays the only place to write.
+        // --dev is an unsized tmpfs: keep it read-only too, so the slot's tmpfs (/box, /tmp
+        // and /dev/shm) stays the only place to write.
         push(&mut args, ["--remount-ro".as_ref(), "/dev".as_ref()]);
         let mut pass_fds = Vec::with_capacity(self.seccomp.len());
         for (i, program) in self.seccomp.iter().enumerate() {
