@@ -27,6 +27,59 @@ pub(crate) struct MemoryCgroup {
     /// v1 only: the slot's group in the `cpu` hierarchy (its CPU share), when that is a
     /// hierarchy of its own; v2 has the controller in `dir`.
     cpu_dir: Option<PathBuf>,
+    /// v2: `memory.peak`, kept open. Since 6.12 a write resets the peak *for the descriptor
+    /// that wrote*, and only reads through it see the reset value, so it is one descriptor
+    /// for the slot's life.
+    peak: Option<PeakFile>,
+}
+
+/// A v2 slot's `memory.peak` and whether resetting it worked on this kernel.
+#[derive(Debug)]
+pub(crate) struct PeakFile {
+    file: std::sync::Mutex<std::fs::File>,
+    resets: std::sync::atomic::AtomicBool,
+}
+
+impl PeakFile {
+    pub(super) fn open(dir: &Path) -> Option<PeakFile> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("memory.peak"))
+            .ok()?;
+        Some(PeakFile {
+            file: std::sync::Mutex::new(file),
+            resets: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Reset the peak for this descriptor; false on kernels before 6.12 (read-only file).
+    fn reset(&self) -> bool {
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ok = file.write_all(b"reset").is_ok();
+        self.resets.store(ok, std::sync::atomic::Ordering::Relaxed);
+        ok
+    }
+
+    /// The peak since the last reset, read through the same descriptor; `None` when the
+    /// kernel cannot reset it (the peak would be the slot's since its creation).
+    fn read(&self) -> Option<u64> {
+        use std::io::{Read, Seek};
+        if !self.resets.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut text = String::new();
+        file.rewind().ok()?;
+        file.read_to_string(&mut text).ok()?;
+        text.trim().parse().ok()
+    }
 }
 
 /// cgroup v1's limit on a cgroup's TCP socket buffers.
@@ -131,8 +184,10 @@ impl MemoryCgroup {
             CgroupVersion::V2 => {
                 write_file(&self.dir.join("memory.max"), &limit_bytes.to_string())
                     .map_err(|e| err("setting memory.max", e))?;
-                // Writing to memory.peak resets it on kernels that support that (6.12+).
-                let _ = write_file(&self.dir.join("memory.peak"), "0");
+                // Resets the peak for our descriptor on kernels that support it (6.12+).
+                if let Some(peak) = &self.peak {
+                    peak.reset();
+                }
             }
         }
         Ok(self.oom_kills())
@@ -146,11 +201,14 @@ impl MemoryCgroup {
         }
     }
 
-    /// Peak memory since `prepare`.
+    /// Peak memory since `prepare`: v1's `max_usage_in_bytes` (reset by `prepare`), v2's
+    /// `memory.peak` through the slot's own descriptor (kernels 6.12+); `None` where the
+    /// kernel cannot give a per-run peak (v2 before 6.12), and the runner then reports the
+    /// largest process's resident size instead.
     pub(crate) fn peak_bytes(&self) -> Option<u64> {
         match self.version {
             CgroupVersion::V1 => read_u64(&self.dir.join("memory.max_usage_in_bytes")),
-            CgroupVersion::V2 => read_u64(&self.dir.join("memory.peak")),
+            CgroupVersion::V2 => self.peak.as_ref().and_then(PeakFile::read),
         }
     }
 

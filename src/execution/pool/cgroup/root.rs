@@ -31,18 +31,24 @@ impl CgroupRoot {
                 let own = self_cgroup
                     .lines()
                     .find_map(|l| l.strip_prefix("0::"))
-                    .unwrap_or("/");
-                // cgroup v2 forbids processes in inner nodes, so use a sibling of our own
-                // cgroup when we are in a leaf; creating there needs delegation or root.
-                let parent = Path::new("/sys/fs/cgroup").join(own.trim_start_matches('/'));
-                // At the root of a cgroup namespace (a container) there is no sibling to
-                // use: try a child, which works where the root is exempt or delegated.
-                let base = if own.trim() == "/" {
-                    parent.join(name)
-                } else {
-                    parent.parent().unwrap_or(&parent).join(name)
+                    .unwrap_or("/")
+                    .trim();
+                let own_dir = Path::new("/sys/fs/cgroup").join(own.trim_start_matches('/'));
+                // Best: slots inside our own cgroup, so whatever bounds the daemon (a systemd
+                // unit's MemoryMax, a container's limit) bounds its submissions. cgroup v2
+                // forbids processes in a cgroup that hands controllers to children, so we
+                // move into a leaf of our own first (`nest`); that works where our cgroup is
+                // delegated to us (systemd `Delegate=yes`, the root of a container's cgroup
+                // namespace). Otherwise, a sibling of our cgroup, as before.
+                let base = match nest(&own_dir, own == "/") {
+                    Ok(()) => own_dir.join(name),
+                    Err(reason) if own == "/" => return Err(reason),
+                    Err(reason) => {
+                        tracing::info!(%reason, "slot cgroups go beside the daemon's cgroup");
+                        own_dir.parent().unwrap_or(&own_dir).join(name)
+                    }
                 };
-                return make_root(base, CgroupVersion::V2, &parent);
+                return make_root(base, CgroupVersion::V2, &own_dir);
             }
         }
         let v1 = Path::new("/sys/fs/cgroup/memory");
@@ -90,6 +96,7 @@ impl CgroupRoot {
                     version: CgroupVersion::V1,
                     cpuacct_dir: None,
                     cpu_dir: None,
+                    peak: None,
                 };
                 cg.remove();
             }
@@ -123,11 +130,16 @@ impl CgroupRoot {
             CgroupVersion::V2 => Some(dir.clone()),
             CgroupVersion::V1 => sub(&self.cpuacct_dir),
         };
+        let peak = match self.version {
+            CgroupVersion::V2 => super::PeakFile::open(&dir),
+            CgroupVersion::V1 => None,
+        };
         let cg = MemoryCgroup {
             cpu_dir: sub(&self.cpu_dir),
             dir,
             version: self.version,
             cpuacct_dir,
+            peak,
         };
         Ok(cg)
     }
@@ -154,6 +166,85 @@ impl CgroupRoot {
             let _ = std::fs::remove_dir(d);
         }
     }
+}
+
+/// The controllers slots use, in the order they are enabled; memory is the one required.
+const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+
+/// What to do so that `dir`'s children can have the controllers slots need.
+#[derive(Debug, PartialEq, Eq)]
+enum Nesting {
+    /// `dir` already hands memory to its children.
+    Ready,
+    /// Move the processes in `dir` into a leaf (unless `dir` is the host's root, exempt
+    /// from the rule), then enable these controllers for its children.
+    MoveThenEnable(Vec<&'static str>),
+    /// The memory controller is not available to `dir` at all: delegation is missing.
+    NoMemory,
+}
+
+/// The decision, from `dir`'s `cgroup.controllers` and `cgroup.subtree_control`.
+fn nesting(controllers: &str, subtree_control: &str) -> Nesting {
+    let has = |list: &str, c: &str| list.split_whitespace().any(|x| x == c);
+    if has(subtree_control, "memory") {
+        return Nesting::Ready;
+    }
+    if !has(controllers, "memory") {
+        return Nesting::NoMemory;
+    }
+    Nesting::MoveThenEnable(
+        V2_CONTROLLERS
+            .into_iter()
+            .filter(|c| has(controllers, c) && !has(subtree_control, c))
+            .collect(),
+    )
+}
+
+/// How to grant the memory controller, for messages and `/health`.
+const DELEGATION_HINT: &str = "the memory controller is not delegated to the daemon's cgroup: \
+     run it under systemd with `Delegate=yes` (deploy/systemd), give a container its own \
+     cgroup with the controllers delegated (Docker and Kubernetes do on cgroup v2 hosts), or \
+     use the host's cgroup namespace (`docker run --cgroupns=host`)";
+
+/// Make `dir` hand memory (and pids and cpu, where available) to its children: the
+/// "nesting" step container-in-container tools take. `at_namespace_root` says `dir` is the
+/// root of our cgroup namespace.
+fn nest(dir: &Path, at_namespace_root: bool) -> Result<(), PoolError> {
+    let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+    let enable = match nesting(&read("cgroup.controllers"), &read("cgroup.subtree_control")) {
+        Nesting::Ready => return Ok(()),
+        Nesting::NoMemory => return Err(PoolError::NoCgroup(DELEGATION_HINT.into())),
+        Nesting::MoveThenEnable(enable) => enable,
+    };
+    // The host's own root is exempt from the no-processes rule (and has no cgroup.type):
+    // never move the host's processes around.
+    let true_root = at_namespace_root && !dir.join("cgroup.type").exists();
+    if !true_root {
+        let leaf = dir.join("daemon");
+        match std::fs::create_dir(&leaf) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(at("cannot create", &leaf)(e)),
+        }
+        for pid in read("cgroup.procs").split_whitespace() {
+            // A process that exited meanwhile is no obstacle.
+            let _ = write_file(&leaf.join("cgroup.procs"), pid);
+        }
+    }
+    for controller in enable {
+        if let Err(e) = write_file(
+            &dir.join("cgroup.subtree_control"),
+            &format!("+{controller}"),
+        ) {
+            if controller == "memory" {
+                return Err(PoolError::NoCgroup(format!(
+                    "{DELEGATION_HINT} (enabling memory: {e})"
+                )));
+            }
+            tracing::warn!(controller, error = %e, "a cgroup controller is not available to the slots");
+        }
+    }
+    Ok(())
 }
 
 /// The daemon's own path in the v1 hierarchy of `controller`, from `/proc/self/cgroup`
@@ -208,11 +299,14 @@ fn make_root(
     parent: &Path,
 ) -> Result<CgroupRoot, PoolError> {
     if version == CgroupVersion::V2 {
-        // Enable the memory and cpu controllers for children of the base (best effort,
-        // one by one: cpu is often not delegated where memory is).
+        // Enable the controllers for the slots under the base (best effort, one by one:
+        // cpu is often not delegated where memory is).
         let _ = std::fs::create_dir(&base);
-        for controller in ["+memory", "+cpu"] {
-            let _ = write_file(&base.join("cgroup.subtree_control"), controller);
+        for controller in V2_CONTROLLERS {
+            let _ = write_file(
+                &base.join("cgroup.subtree_control"),
+                &format!("+{controller}"),
+            );
         }
     } else {
         match std::fs::create_dir(&base) {
@@ -235,4 +329,35 @@ fn make_root(
         cpuacct_dir: None,
         cpu_dir: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Nesting, nesting};
+
+    #[test]
+    fn nesting_enables_what_is_there_and_names_what_is_missing() {
+        let cases = [
+            ("cpuset cpu io memory pids", "memory pids", Nesting::Ready),
+            (
+                "cpuset cpu io memory pids",
+                "",
+                Nesting::MoveThenEnable(vec!["memory", "pids", "cpu"]),
+            ),
+            (
+                "memory pids",
+                "pids",
+                Nesting::MoveThenEnable(vec!["memory"]),
+            ),
+            ("cpu io pids", "", Nesting::NoMemory),
+            ("", "", Nesting::NoMemory),
+        ];
+        for (controllers, subtree, want) in cases {
+            assert_eq!(
+                nesting(controllers, subtree),
+                want,
+                "{controllers} / {subtree}"
+            );
+        }
+    }
 }
