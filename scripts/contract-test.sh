@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 SCHEMATHESIS_VERSION=4.32.5
 venv=target/contract-venv
 if ! "$venv/bin/st" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
-  python3 -m venv "$venv"
+  # Debian's interpreter, not whichever python3 is first on PATH (a pyenv 3.11.7 here broke
+  # hypothesis with "AST constructor recursion depth mismatch").
+  /usr/bin/python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

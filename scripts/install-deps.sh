@@ -6,12 +6,22 @@
 #   ruby php-cli lua5.4 golang-go rustc   toolchains for the shipped runtimes (python3, node, bash,
 #                   perl, gcc, g++ and java are on the base image; missing ones are reported
 #                   as unavailable, and their tests are skipped with a message)
+#   and, where node and npm are installed, tests/piston-client's node modules (npm ci)
 # Pass --minimal to install only bubblewrap (enough to start the daemon).
 set -euo pipefail
 
 packages=(bubblewrap)
 if [[ "${1:-}" != "--minimal" ]]; then
   packages+=(prometheus ruby php-cli lua5.4 golang-go rustc python3 python3-venv curl bash perl gcc g++)
+fi
+
+# The Piston-compatibility test drives the daemon with the real `piston-client` npm package,
+# pinned in tests/piston-client/package-lock.json. Only where node and npm are installed
+# (without them that test is skipped); again only when the lock file changed.
+client=$(cd "$(dirname "$0")/.." && pwd)/tests/piston-client
+if [[ "${1:-}" != "--minimal" ]] && command -v node >/dev/null && command -v npm >/dev/null \
+  && ! [[ "$client/node_modules/.package-lock.json" -nt "$client/package-lock.json" ]]; then
+  npm ci --prefix "$client" --no-audit --no-fund --loglevel=error
 fi
 
 missing=()

@@ -200,8 +200,10 @@ impl Limits {
     /// room for everything else in the answer.
     pub fn answer_bytes_at_most(run: &Limits, compile: Option<&Limits>) -> u64 {
         const ENVELOPE_BYTES: u64 = 64 * 1024;
-        let stage = |l: &Limits| 2 * 2 * l.output_bytes;
-        stage(run) + compile.map_or(0, stage) + ENVELOPE_BYTES
+        let stage = |l: &Limits| l.output_bytes.saturating_mul(4);
+        stage(run)
+            .saturating_add(compile.map_or(0, stage))
+            .saturating_add(ENVELOPE_BYTES)
     }
 
     /// The first field whose value is above the same field of `ceiling`.

@@ -492,14 +492,14 @@ async fn nothing_is_left_behind_after_an_attack_run() {
         let run = run_py(&t, code, json!({"wall_time_ms": 1000})).await;
         assert_eq!(run["status"], "timeout");
         assert_no_process_with("6161.5", 5).await;
-        // Idle slots hold only the empty box/ and tmp/ of their next, prepared sandbox. The
+        // Idle slots hold only the empty box/, tmp/ and shm/ of their next, prepared sandbox. The
         // slot is cleaned right after the answer is sent, so give it a moment.
         let leftovers = || {
             let mut left = Vec::new();
             let slots = std::fs::read_dir(&info.work_root).expect("work root").flatten();
             for slot in slots.filter(|e| e.path().is_dir()) {
                 for sub in std::fs::read_dir(slot.path()).expect("slot").flatten() {
-                    if !["box", "tmp"].contains(&sub.file_name().to_str().unwrap_or("")) {
+                    if !["box", "tmp", "shm"].contains(&sub.file_name().to_str().unwrap_or("")) {
                         left.push(sub.path());
                     }
                     left.extend(std::fs::read_dir(sub.path()).expect("dir").flatten().map(|e| e.path()));

@@ -4,6 +4,7 @@
 pub mod body_limit;
 pub mod errors;
 pub mod health;
+pub mod piston;
 mod response_budget;
 pub(crate) use response_budget::ResponseBudget;
 pub mod submit;
@@ -35,6 +36,9 @@ pub(crate) enum ApiTags {
     Runtimes,
     /// Liveness and readiness.
     Operations,
+    /// Piston v2 compatibility: Piston's `/api/v2/runtimes` and `/api/v2/execute`, its
+    /// shapes and its `{"message"}` errors, so Piston clients work unchanged.
+    Piston,
 }
 
 /// Shared state of every handler.
@@ -135,6 +139,7 @@ pub fn openapi_service() -> OpenApiService<
         v1::ExecuteApi,
         v1::RuntimesApi,
         health::HealthApi,
+        piston::PistonApi,
     ),
     (),
 > {
@@ -144,6 +149,7 @@ pub fn openapi_service() -> OpenApiService<
             v1::ExecuteApi,
             v1::RuntimesApi,
             health::HealthApi,
+            piston::PistonApi,
         ),
         "mixed-docker-executor",
         env!("CARGO_PKG_VERSION"),

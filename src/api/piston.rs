@@ -178,7 +178,12 @@ impl<T: Type> Type for Nullable<T> {
 
 impl<T: ToJSON> ToJSON for Nullable<T> {
     fn to_json(&self) -> Option<Value> {
-        Some(self.0.as_ref().and_then(ToJSON::to_json).unwrap_or(Value::Null))
+        Some(
+            self.0
+                .as_ref()
+                .and_then(ToJSON::to_json)
+                .unwrap_or(Value::Null),
+        )
     }
 }
 
@@ -303,12 +308,17 @@ pub enum PistonBody {
 }
 
 fn accepted_media_type(content_type: &str) -> bool {
-    let Ok(mime) = content_type.parse::<mime::Mime>() else {
-        return false;
-    };
-    let json = mime.type_() == mime::APPLICATION
-        && (mime.subtype() == mime::JSON || mime.suffix() == Some(mime::JSON));
-    json || (mime.type_() == mime::TEXT && mime.subtype() == mime::PLAIN)
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match essence.split_once('/') {
+        Some(("application", subtype)) => subtype == "json" || subtype.ends_with("+json"),
+        Some(("text", "plain")) => true,
+        _ => false,
+    }
 }
 
 impl<'a> ApiExtractor<'a> for PistonBody {
@@ -531,7 +541,7 @@ impl PistonApi {
         req: &Request,
         body: PistonBody,
     ) -> PistonExecuteResult {
-        match execute(&state, &request_id, req, body).await {
+        match run_piston(&state, &request_id, req, body).await {
             Ok(response) => PistonExecuteResult::Ok(Json(response)),
             Err(refusal) => {
                 if refusal.status != RefusalStatus::Internal {
@@ -543,7 +553,7 @@ impl PistonApi {
     }
 }
 
-async fn execute(
+async fn run_piston(
     state: &AppState,
     request_id: &RequestId,
     req: &Request,
@@ -631,9 +641,7 @@ fn parse_request(set: &RuntimeSet, bytes: &[u8]) -> Result<ExecutionRequest, Ref
             Some(Value::String(s)) if s.is_empty() => None,
             Some(Value::String(s)) => Some(s.clone()),
             Some(_) => {
-                return Err(Refusal::field(format!(
-                    "files[{i}].name must be a string"
-                )));
+                return Err(Refusal::field(format!("files[{i}].name must be a string")));
             }
         };
         let name = name.unwrap_or_else(|| {
@@ -784,15 +792,15 @@ fn choose_runtime(
                 .is_some_and(|range| range.matches(semver::of(r.version.as_deref())))
         })
         .collect();
-    let best = matching
-        .iter()
-        .filter(|r| r.availability.available)
-        .fold(None::<&Arc<Runtime>>, |best, r| match best {
+    let best = matching.iter().filter(|r| r.availability.available).fold(
+        None::<&Arc<Runtime>>,
+        |best, r| match best {
             Some(b) if semver::of(b.version.as_deref()) >= semver::of(r.version.as_deref()) => {
                 Some(b)
             }
             _ => Some(r),
-        });
+        },
+    );
     match (best, matching.first()) {
         (Some(r), _) => Ok(Arc::clone(r)),
         (None, Some(r)) => Err(Refusal::bad(
@@ -905,10 +913,7 @@ fn apply_limits(
                 .find(|(_, c, f)| *c == is_compile && *f == e.field)
                 .map_or(e.field, |(n, _, _)| *n);
             let message = if e.requested > e.maximum {
-                format!(
-                    "{name} cannot exceed the configured limit of {}",
-                    e.maximum
-                )
+                format!("{name} cannot exceed the configured limit of {}", e.maximum)
             } else {
                 format!("{name} must be at least {}", e.minimum)
             };
@@ -919,19 +924,23 @@ fn apply_limits(
         .limits
         .apply_request(&run, &runtime.max_limits)
         .map_err(refuse(false))?;
-    // A compile stage's defaults are its ceilings: a request may only lower them.
+    // Compile limits mean nothing to a runtime without a compile stage (piston-client sends
+    // them with every request). A compile stage's defaults are its ceilings: a request may
+    // only lower them.
+    if runtime.compile.is_none() {
+        return Ok((limits, runtime));
+    }
     let compile_limits = runtime
         .compile_limits
         .apply_request(&compile, &runtime.compile_limits)
         .map_err(refuse(true))?;
-    let runtime = if runtime.compile.is_some() && compile_limits != runtime.compile_limits {
-        Arc::new(Runtime {
-            compile_limits,
-            ..Runtime::clone(&runtime)
-        })
-    } else {
-        runtime
-    };
+    if compile_limits == runtime.compile_limits {
+        return Ok((limits, runtime));
+    }
+    let runtime = Arc::new(Runtime {
+        compile_limits,
+        ..Runtime::clone(&runtime)
+    });
     Ok((limits, runtime))
 }
 
@@ -973,8 +982,16 @@ const STATUS_INTERNAL: &str = "XX";
 const SIGKILL: i32 = 9;
 
 /// `(status, message, code, signal)` of a stage, as Piston (through isolate) reports them.
-fn outcome(stage: &StageReport) -> (Option<&'static str>, Option<String>, Option<i32>, Option<i32>) {
-    let killed = |status, message: &str| (Some(status), Some(message.to_string()), None, Some(SIGKILL));
+fn outcome(
+    stage: &StageReport,
+) -> (
+    Option<&'static str>,
+    Option<String>,
+    Option<i32>,
+    Option<i32>,
+) {
+    let killed =
+        |status, message: &str| (Some(status), Some(message.to_string()), None, Some(SIGKILL));
     match stage.status {
         StageStatus::Ok => (None, None, stage.exit_code, stage.signal),
         StageStatus::Timeout => match stage.limit {
@@ -1012,21 +1029,23 @@ fn outcome(stage: &StageReport) -> (Option<&'static str>, Option<String>, Option
                 stage.signal,
             )
         }
-        StageStatus::RuntimeError | StageStatus::CompileError => match (stage.signal, stage.exit_code) {
-            (Some(signal), _) => (
-                Some(STATUS_SIGNALED),
-                Some(format!("Caught fatal signal {signal}")),
-                None,
-                Some(signal),
-            ),
-            (None, Some(code)) if code != 0 => (
-                Some(STATUS_RUNTIME_ERROR),
-                Some(format!("Exited with error status {code}")),
-                Some(code),
-                None,
-            ),
-            (None, code) => (None, None, code, None),
-        },
+        StageStatus::RuntimeError | StageStatus::CompileError => {
+            match (stage.signal, stage.exit_code) {
+                (Some(signal), _) => (
+                    Some(STATUS_SIGNALED),
+                    Some(format!("Caught fatal signal {signal}")),
+                    None,
+                    Some(signal),
+                ),
+                (None, Some(code)) if code != 0 => (
+                    Some(STATUS_RUNTIME_ERROR),
+                    Some(format!("Exited with error status {code}")),
+                    Some(code),
+                    None,
+                ),
+                (None, code) => (None, None, code, None),
+            }
+        }
     }
 }
 
@@ -1051,10 +1070,37 @@ fn to_stage(stage: &StageReport) -> PistonStage {
 /// Linux's name of a signal; `None` past the standard ones (Piston answers `null` too).
 fn signal_name(signal: i32) -> Option<&'static str> {
     const NAMES: [&str; 31] = [
-        "SIGHUP", "SIGINT", "SIGQUIT", "SIGILL", "SIGTRAP", "SIGABRT", "SIGBUS", "SIGFPE",
-        "SIGKILL", "SIGUSR1", "SIGSEGV", "SIGUSR2", "SIGPIPE", "SIGALRM", "SIGTERM", "SIGSTKFLT",
-        "SIGCHLD", "SIGCONT", "SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGURG", "SIGXCPU",
-        "SIGXFSZ", "SIGVTALRM", "SIGPROF", "SIGWINCH", "SIGIO", "SIGPWR", "SIGSYS",
+        "SIGHUP",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGILL",
+        "SIGTRAP",
+        "SIGABRT",
+        "SIGBUS",
+        "SIGFPE",
+        "SIGKILL",
+        "SIGUSR1",
+        "SIGSEGV",
+        "SIGUSR2",
+        "SIGPIPE",
+        "SIGALRM",
+        "SIGTERM",
+        "SIGSTKFLT",
+        "SIGCHLD",
+        "SIGCONT",
+        "SIGSTOP",
+        "SIGTSTP",
+        "SIGTTIN",
+        "SIGTTOU",
+        "SIGURG",
+        "SIGXCPU",
+        "SIGXFSZ",
+        "SIGVTALRM",
+        "SIGPROF",
+        "SIGWINCH",
+        "SIGIO",
+        "SIGPWR",
+        "SIGSYS",
     ];
     usize::try_from(signal)
         .ok()
@@ -1067,36 +1113,33 @@ fn signal_name(signal: i32) -> Option<&'static str> {
 /// `>`, `>=`, `^`, `~`, X-ranges `1.x` / `1.2.*` / `*`, partial versions, `A - B`), space
 /// for "and", `||` for "or".
 mod semver {
-    pub type Version = (u64, u64, u64);
+    pub(super) type Version = (u64, u64, u64);
 
     /// A runtime's version read as semver: its first dotted number, padded with zeros;
     /// `0.0.0` when it has none.
-    pub fn of(version: Option<&str>) -> Version {
+    pub(super) fn of(version: Option<&str>) -> Version {
         let text = version.unwrap_or_default();
-        let start = text.find(|c: char| c.is_ascii_digit()).unwrap_or(text.len());
-        let mut parts = text[start..]
-            .split(|c: char| !c.is_ascii_digit())
-            .take(3)
-            .map(|p| p.parse::<u64>().ok());
-        let mut next = || parts.next().flatten().unwrap_or(0);
-        let major = next();
-        let minor = next();
-        let patch = next();
-        // Only dotted numbers count: `5.36.0-x` is 5.36.0, `17 (build)` is 17.0.0.
-        let dotted = text[start..]
-            .split('.')
-            .take(3)
-            .take_while(|p| p.chars().next().is_some_and(|c| c.is_ascii_digit()))
-            .count();
-        match dotted {
-            0 => (0, 0, 0),
-            1 => (major, 0, 0),
-            2 => (major, minor, 0),
-            _ => (major, minor, patch),
+        let start = text
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let mut numbers = [0u64; 3];
+        for (slot, part) in numbers.iter_mut().zip(text[start..].split('.')) {
+            let end = part
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(part.len());
+            if end == 0 {
+                break;
+            }
+            *slot = part[..end].parse().unwrap_or(0);
+            // `12.2.0-14` is 12.2.0, `1.2-rc.3` is 1.2.0, `17 (build 5)` is 17.0.0.
+            if end < part.len() {
+                break;
+            }
         }
+        (numbers[0], numbers[1], numbers[2])
     }
 
-    pub fn display((major, minor, patch): Version) -> String {
+    pub(super) fn display((major, minor, patch): Version) -> String {
         format!("{major}.{minor}.{patch}")
     }
 
@@ -1111,22 +1154,24 @@ mod semver {
 
     /// A parsed range: alternatives (`||`), each a list of comparators that must all hold.
     #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct Range(Vec<Vec<(Op, Version)>>);
+    pub(super) struct Range(Vec<Vec<(Op, Version)>>);
 
     /// A partial version: its given numbers (`1.2` is `[1, 2]`), wildcards dropped.
     fn partial(text: &str) -> Option<Vec<u64>> {
-        let text = text.trim_start_matches(['v', 'V', '=']);
+        let text = text.strip_prefix(['v', 'V']).unwrap_or(text);
         // Pre-release and build tags are not compared.
         let text = text.split(['-', '+']).next().unwrap_or_default();
         let mut numbers = Vec::new();
+        let mut wildcard = false;
         for (i, part) in text.split('.').enumerate() {
-            if i >= 3 {
-                return None;
-            }
             match part {
-                "x" | "X" | "*" => break,
-                "" if i == 0 => break,
-                digits => numbers.push(digits.parse().ok()?),
+                _ if i >= 3 => return None,
+                "x" | "X" | "*" => wildcard = true,
+                "" if i == 0 => wildcard = true,
+                digits if !wildcard && digits.bytes().all(|b| b.is_ascii_digit()) => {
+                    numbers.push(digits.parse().ok()?);
+                }
+                _ => return None,
             }
         }
         Some(numbers)
@@ -1147,6 +1192,9 @@ mod semver {
     }
 
     fn comparator(op: &str, numbers: &[u64]) -> Option<Vec<(Op, Version)>> {
+        if !matches!(op, "" | "=" | "<" | "<=" | ">" | ">=" | "~" | "~>" | "^") {
+            return None;
+        }
         let low = padded(numbers);
         let exact = numbers.len() == 3;
         if numbers.is_empty() {
@@ -1156,7 +1204,24 @@ mod semver {
                 _ => Vec::new(),
             });
         }
+        let upper = match op {
+            "~" | "~>" => match numbers {
+                [a] => (a.checked_add(1)?, 0, 0),
+                [a, b, ..] => (*a, b.checked_add(1)?, 0),
+                [] => return None,
+            },
+            "^" => match numbers {
+                [a, ..] if *a > 0 => (a.checked_add(1)?, 0, 0),
+                [_] => (1, 0, 0),
+                [_, b] => (0, b.checked_add(1)?, 0),
+                [_, b, _] if *b > 0 => (0, b.checked_add(1)?, 0),
+                [_, _, c] => (0, 0, c.checked_add(1)?),
+                _ => return None,
+            },
+            _ => (0, 0, 0),
+        };
         Some(match op {
+            "~" | "~>" | "^" => vec![(Op::Ge, low), (Op::Lt, upper)],
             "" | "=" if exact => vec![(Op::Eq, low)],
             "" | "=" => vec![(Op::Ge, low), (Op::Lt, bump(numbers)?)],
             ">" if exact => vec![(Op::Gt, low)],
@@ -1164,33 +1229,13 @@ mod semver {
             ">=" => vec![(Op::Ge, low)],
             "<" => vec![(Op::Lt, low)],
             "<=" if exact => vec![(Op::Le, low)],
-            "<=" => vec![(Op::Lt, bump(numbers)?)],
-            "~" | "~>" => {
-                let upper = match numbers {
-                    [a] => (a.checked_add(1)?, 0, 0),
-                    [a, b, ..] => (*a, b.checked_add(1)?, 0),
-                    [] => return None,
-                };
-                vec![(Op::Ge, low), (Op::Lt, upper)]
-            }
-            "^" => {
-                let upper = match numbers {
-                    [0, 0, c] => (0, 0, c.checked_add(1)?),
-                    [0, b, ..] if numbers.len() > 1 && (*b > 0 || numbers.len() == 2) => {
-                        (0, b.checked_add(1)?, 0)
-                    }
-                    [a, ..] => (a.checked_add(1)?, 0, 0),
-                    [] => return None,
-                };
-                vec![(Op::Ge, low), (Op::Lt, upper)]
-            }
-            _ => return None,
+            _ => vec![(Op::Lt, bump(numbers)?)],
         })
     }
 
     impl Range {
         /// `None` for text that is no range (node-semver matches nothing then).
-        pub fn parse(text: &str) -> Option<Range> {
+        pub(super) fn parse(text: &str) -> Option<Range> {
             let mut alternatives = Vec::new();
             for alternative in text.split("||") {
                 let tokens: Vec<&str> = alternative.split_whitespace().collect();
@@ -1226,7 +1271,7 @@ mod semver {
             Some(Range(alternatives))
         }
 
-        pub fn matches(&self, version: Version) -> bool {
+        pub(super) fn matches(&self, version: Version) -> bool {
             self.0.iter().any(|all| {
                 all.iter().all(|&(op, v)| match op {
                     Op::Lt => version < v,
@@ -1263,23 +1308,56 @@ mod tests {
     fn ranges_match_as_node_semver_does() {
         let v = (3, 11, 2);
         let yes = [
-            "*", "x", "3", "3.x", "3.11", "3.11.x", "3.11.2", "=3.11.2", "v3.11.2", "^3",
-            "^3.10", "~3.11", "~3.11.0", ">=3", ">= 3", ">3.10", "<4", "<=3.11", ">=3 <4",
-            "2 || 3", "3.0 - 3.12", "3.11.2-rc1", "^3.11.2", "~>3.11",
+            "*",
+            "x",
+            "3",
+            "3.x",
+            "3.11",
+            "3.11.x",
+            "3.11.2",
+            "=3.11.2",
+            "v3.11.2",
+            "^3",
+            "^3.10",
+            "~3.11",
+            "~3.11.0",
+            ">=3",
+            ">= 3",
+            ">3.10",
+            "<4",
+            "<=3.11",
+            ">=3 <4",
+            "2 || 3",
+            "3.0 - 3.12",
+            "^3.11.2",
+            "~>3.11",
+            "3.11.2+build",
         ];
         for r in yes {
             let range = semver::Range::parse(r).unwrap_or_else(|| panic!("`{r}` parses"));
             assert!(range.matches(v), "`{r}` should match 3.11.2");
         }
         let no = [
-            "2", "4.x", "3.10", "3.11.3", ">3.11", ">3.11.2", "<3.11.2", "<=3.10", "^3.12",
-            "~3.10", "^2", ">=4 || <3", "<*", "3.0 - 3.10",
+            "2",
+            "4.x",
+            "3.10",
+            "3.11.3",
+            ">3.11",
+            ">3.11.2",
+            "<3.11.2",
+            "<=3.10",
+            "^3.12",
+            "~3.10",
+            "^2",
+            ">=4 || <3",
+            "<*",
+            "3.0 - 3.10",
         ];
         for r in no {
             let range = semver::Range::parse(r).unwrap_or_else(|| panic!("`{r}` parses"));
             assert!(!range.matches(v), "`{r}` should not match 3.11.2");
         }
-        for bad in ["banana", "3.x.y", "1.2.3.4", ">=", "1 -"] {
+        for bad in ["banana", "3.x.1", "1.2.3.4", ">=", "1 -", "=>3", "3."] {
             assert!(semver::Range::parse(bad).is_none(), "`{bad}` is no range");
         }
         // Major version zero: `^` stays within the minor (or patch).

@@ -50,6 +50,22 @@ pub(crate) struct ResponseBudget {
     /// KiB held per client address.
     held: Arc<Mutex<HashMap<IpAddr, u64>>>,
     peer_share: u64,
+    total_units: u64,
+}
+
+/// The address a share is counted under: IPv4 as is, IPv6 by its /64 (one subscriber's
+/// network, which hands out addresses freely).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+    }
 }
 
 /// Why no share was reserved at once.
@@ -57,6 +73,8 @@ pub(crate) struct ResponseBudget {
 pub(crate) enum Refused {
     /// This client address already holds its share.
     PeerShare,
+    /// The answer could be larger than the whole budget.
+    TooLarge,
 }
 
 impl ResponseBudget {
@@ -68,6 +86,7 @@ impl ResponseBudget {
             )),
             held: Arc::default(),
             peer_share: units / PEER_SHARE_DIVISOR,
+            total_units: units,
         }
     }
 
@@ -79,6 +98,12 @@ impl ResponseBudget {
         peer: Option<IpAddr>,
     ) -> Result<Reserved, Refused> {
         let units = bytes.div_ceil(UNIT);
+        // More than the whole budget could never be granted, and would block every later
+        // reservation behind it (the semaphore is fair): refuse it at once.
+        if units > self.total_units {
+            return Err(Refused::TooLarge);
+        }
+        let peer = peer.map(client_key);
         // A request larger than a share alone still runs when its client holds nothing.
         if let Some(ip) = peer {
             let mut held = self

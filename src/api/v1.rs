@@ -201,7 +201,9 @@ pub struct StageResult {
     pub wall_time_ms: u64,
     /// CPU time (user + system) of the stage's processes.
     pub cpu_time_ms: Option<u64>,
-    /// Peak memory of the stage (cgroup peak, or the largest process's RSS).
+    /// Peak memory of this stage: the slot cgroup's peak for this run where the kernel can
+    /// reset it (cgroup v1; v2 on kernels 6.12+), else the largest single process's
+    /// resident size (v2 before 6.12, or no memory cgroup).
     pub peak_memory_bytes: Option<u64>,
     /// Detail for `internal_error`.
     pub message: Option<String>,

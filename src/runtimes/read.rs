@@ -34,8 +34,15 @@ pub(super) async fn read_config_file(path: &Path) -> std::io::Result<String> {
             ));
         }
         let mut text = String::new();
-        file.take(MAX_RUNTIMES_FILE_BYTES)
+        // One byte more than allowed: a file that grew since `metadata` is refused, not cut.
+        file.take(MAX_RUNTIMES_FILE_BYTES + 1)
             .read_to_string(&mut text)?;
+        if text.len() as u64 > MAX_RUNTIMES_FILE_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("larger than {MAX_RUNTIMES_FILE_BYTES} bytes"),
+            ));
+        }
         Ok(text)
     });
     match tokio::time::timeout(READ_TIMEOUT, read).await {

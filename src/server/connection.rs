@@ -95,7 +95,7 @@ impl ConnActivity {
         Counted::new(&self.receiving)
     }
 
-    fn is_evictable(&self) -> bool {
+    pub(super) fn is_evictable(&self) -> bool {
         let in_progress = self.in_progress.load(Ordering::SeqCst);
         in_progress <= self.receiving.load(Ordering::SeqCst)
     }
@@ -164,9 +164,11 @@ pub(super) struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        if let Ok(mut open) = self.all.open.lock() {
-            open.remove(&self.id);
-        }
+        self.all
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
     }
 }
 
@@ -254,9 +256,10 @@ impl ConnIo {
 impl Drop for ConnIo {
     fn drop(&mut self) {
         // Before the socket closes (the fields drop after this): no poll sees its number.
-        if let Ok(mut socket) = self.socket.lock() {
-            *socket = None;
-        }
+        *self
+            .socket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self.gone.cancel();
         self.metrics.connection_closed();
     }

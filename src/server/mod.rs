@@ -137,6 +137,7 @@ where
         );
         let stop = stop.clone();
         let (evict, activity, registered) = idle.register();
+        let activity_now = activity.clone();
         tracker.spawn(async move {
             let service = hyper::service::service_fn(move |mut req| {
                 req.extensions_mut().insert(gone.clone());
@@ -163,11 +164,18 @@ where
                 .max_buf_size(MAX_HEAD_BYTES)
                 .serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
-            tokio::select! {
+            let evicted = tokio::select! {
                 _ = conn.as_mut() => return,
-                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
-                // Idle (no request in progress): closing it loses nothing.
-                _ = evict.cancelled() => return,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    false
+                }
+                _ = evict.cancelled() => true,
+            };
+            // Idle when it was chosen; closing it loses nothing, unless a request arrived
+            // in between: then it is served (and no longer in the eviction list).
+            if evicted && activity_now.is_evictable() {
+                return;
             }
             let _ = conn.await;
             drop(registered);

@@ -18,7 +18,7 @@ mod warm;
 use super::observer::ExecutionObserver;
 use super::pool::launcher::launcher_executable;
 use super::pool::{MemoryEnforcement, SlotOptions, SlotPool};
-use super::report::{ExecutionReport, StageStatus};
+use super::report::{ExecutionReport, StageReport, StageStatus};
 use super::sandbox::{BwrapBackend, ProcessBackend};
 use super::{ExecuteError, ExecutionRequest, Limits};
 use crate::config::{BackendKind, SandboxSettings};
@@ -280,7 +280,19 @@ impl Executor {
             let started = Instant::now();
             this.in_flight
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let report = this.run_stages(&request, lease.index).await;
+            // In a task of its own, so that even a panic in the stages still reaches the
+            // clean-up below: the slot is reset (or retired), never handed out dirty.
+            let stages = tokio::spawn({
+                let (this, request, index) = (Arc::clone(&this), request.clone(), lease.index);
+                async move { this.run_stages(&request, index).await }
+            });
+            let report = stages.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "the stages of a run failed");
+                ExecutionReport {
+                    compile: None,
+                    run: Some(StageReport::internal("the stages failed", request.limits)),
+                }
+            });
             this.in_flight
                 .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             if observe {
@@ -294,7 +306,16 @@ impl Executor {
                 let next = warmable(&request.runtime).then(|| Arc::clone(&request.runtime));
                 this.with_slot_state(lease.index, |s| s.warm_for = next);
             }
-            this.settle_slot(lease.index).await;
+            if !this.settle_slot(lease.index).await {
+                // Something of the last run outlived every kill: it must not share the
+                // slot (and its uid) with the next one.
+                tracing::error!(
+                    slot = lease.index,
+                    "processes of the last run are still alive; taking the slot out of service"
+                );
+                lease.retire();
+                return;
+            }
             match this.slots.reset(lease.index) {
                 Ok(_) => {
                     this.prepare_sandbox(lease.index).await;
@@ -341,21 +362,22 @@ impl Executor {
 
     /// Wait (briefly) until nothing of the last run is left in the slot's cgroup, so no
     /// dying process counts against the next run's process limit.
-    async fn settle_slot(&self, index: usize) {
+    /// False when something is still alive after two seconds of killing.
+    async fn settle_slot(&self, index: usize) -> bool {
         let Some(slot) = self.slots.slots.get(index) else {
-            return;
+            return true;
         };
         let Some(cg) = &slot.cgroup else {
-            return;
+            return true;
         };
         let launcher = slot.launcher().and_then(|l| l.pid());
         for _ in 0..400 {
             if cg.is_empty(launcher) {
-                return;
+                return true;
             }
             cg.kill_all(launcher);
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        tracing::warn!(slot = index, "processes of the last run are still exiting");
+        false
     }
 }

@@ -2,6 +2,7 @@
 //! after every run (nothing walks what a run left), resized per stage, sealed after a
 //! compile, and the submission's files written into it.
 
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,7 +59,6 @@ impl SlotPool {
     /// top level is walked (one `readdir`, no recursion): files inside a compiled
     /// directory stay the slot's, and the dir itself becomes root's, so none can be removed.
     pub(crate) fn seal_compile_output(&self, index: usize) -> Result<(), PoolError> {
-        use std::os::unix::fs::PermissionsExt;
         let slot = self.slots.get(index).ok_or(PoolError::NoSuchSlot)?;
         if slot.uid.is_none() {
             return Ok(());
@@ -67,19 +67,7 @@ impl SlotPool {
             let dir = slot.dir.join(sub);
             let entries = std::fs::read_dir(&dir).map_err(at("reading", &dir))?;
             for entry in entries.flatten() {
-                let path = entry.path();
-                let Ok(meta) = path.symlink_metadata() else {
-                    continue;
-                };
-                std::os::unix::fs::lchown(&path, Some(0), Some(0)).map_err(at("chown", &path))?;
-                if meta.file_type().is_symlink() {
-                    continue;
-                }
-                let mode = meta.permissions().mode();
-                // Everyone may read it, whoever could execute it still can, and no set-id.
-                let mode = mode | 0o444 | if mode & 0o100 != 0 { 0o111 } else { 0 };
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o555))
-                    .map_err(at("chmod", &path))?;
+                seal(&entry.path())?;
             }
             std::os::unix::fs::lchown(&dir, Some(0), Some(0)).map_err(at("chown", &dir))?;
             set_mode(&dir, 0o1777)?;
@@ -152,6 +140,48 @@ impl SlotPool {
 }
 
 /// Where an unmounted slot's leftovers wait to be deleted.
+/// Hand one entry to root, readable by all, executable where it was, no set-id bits,
+/// through one `O_PATH | O_NOFOLLOW` descriptor: a symlink swapped in meanwhile is never
+/// followed (root would otherwise chmod whatever it points at), and is left as it is.
+fn seal(path: &Path) -> Result<(), PoolError> {
+    let c = cstring(path)?;
+    // SAFETY: a valid C string; the descriptor is checked and closed below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        // Gone since the listing: nothing to seal.
+        return Ok(());
+    }
+    // SAFETY: `fd` is ours alone.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: fstat into a zeroed struct on a valid descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(at("fstat", path)(std::io::Error::last_os_error()));
+    }
+    if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        return Ok(());
+    }
+    // SAFETY: AT_EMPTY_PATH acts on the descriptor itself.
+    if unsafe { libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), 0, 0, libc::AT_EMPTY_PATH) } != 0 {
+        return Err(at("chown", path)(std::io::Error::last_os_error()));
+    }
+    let mode = st.st_mode & 0o7777;
+    let mode = (mode | 0o444 | if mode & 0o100 != 0 { 0o111 } else { 0 }) & 0o555;
+    // An O_PATH descriptor cannot be fchmod'ed; its /proc link names exactly that inode.
+    let by_fd = std::ffi::CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|_| PoolError::NulInPath(path.to_path_buf()))?;
+    // SAFETY: a valid C string.
+    if unsafe { libc::chmod(by_fd.as_ptr(), mode) } != 0 {
+        return Err(at("chmod", path)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// What a slot's tmpfs holds, each bound into the sandbox: the work dir (`/box`), `/tmp`,
 /// and `/dev/shm` (so POSIX semaphores and `multiprocessing` work, inside the same size
 /// limit, gone with the run).

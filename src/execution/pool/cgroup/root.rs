@@ -85,7 +85,10 @@ impl CgroupRoot {
             }
         }
         if let Some(own) = self_cgroup.lines().find_map(|l| l.strip_prefix("0::")) {
-            let dir = Path::new("/sys/fs/cgroup").join(own.trim_start_matches('/'));
+            let dir = Path::new("/sys/fs/cgroup").join(own.trim().trim_start_matches('/'));
+            // Both places slots may be: inside our cgroup (nested) and beside it. A daemon
+            // that nested moved itself into `daemon/`, so its slots sit beside that leaf.
+            bases.push(dir.join(name));
             bases.push(dir.parent().unwrap_or(&dir).join(name));
         }
         for base in bases.iter().filter(|b| b.is_dir()) {
@@ -226,9 +229,16 @@ fn nest(dir: &Path, at_namespace_root: bool) -> Result<(), PoolError> {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(at("cannot create", &leaf)(e)),
         }
-        for pid in read("cgroup.procs").split_whitespace() {
-            // A process that exited meanwhile is no obstacle.
-            let _ = write_file(&leaf.join("cgroup.procs"), pid);
+        // Again until none is left: a process may fork while we move the others.
+        for _ in 0..10 {
+            let procs = read("cgroup.procs");
+            if procs.trim().is_empty() {
+                break;
+            }
+            for pid in procs.split_whitespace() {
+                // A process that exited meanwhile is no obstacle.
+                let _ = write_file(&leaf.join("cgroup.procs"), pid);
+            }
         }
     }
     for controller in enable {
