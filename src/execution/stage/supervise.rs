@@ -30,6 +30,10 @@ pub(crate) struct StageStart {
     at: Instant,
     /// The slot's cgroup CPU counter, where there is one.
     cpu: Option<Duration>,
+    /// The slot's OOM-kill count. Taken here, before the stage is handed its command: a
+    /// memory bomb can be OOM-killed within a millisecond, before supervision begins, and a
+    /// baseline taken then would already include its kill.
+    oom_kills: u64,
 }
 
 impl StageStart {
@@ -37,6 +41,7 @@ impl StageStart {
         StageStart {
             at: Instant::now(),
             cpu: ctx.cgroup.and_then(MemoryCgroup::cpu_usage),
+            oom_kills: ctx.cgroup.map(MemoryCgroup::oom_kills).unwrap_or(0),
         }
     }
 }
@@ -48,7 +53,7 @@ pub(crate) async fn supervise(
     start: StageStart,
 ) -> StageReport {
     let limits = ctx.limits;
-    let oom_before = ctx.cgroup.map(MemoryCgroup::oom_kills).unwrap_or(0);
+    let oom_before = start.oom_kills;
     let cpu_before = start.cpu;
     let Spawned {
         pid,
