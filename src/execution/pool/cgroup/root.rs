@@ -40,7 +40,19 @@ impl CgroupRoot {
                 // move into a leaf of our own first (`nest`); that works where our cgroup is
                 // delegated to us (systemd `Delegate=yes`, the root of a container's cgroup
                 // namespace). Otherwise, a sibling of our cgroup, as before.
-                let base = match nest(&own_dir, own == "/") {
+                // Only where the cgroup is ours to manage: the root of our cgroup namespace, or
+                // a systemd unit with `Delegate=yes` (systemd marks it `trusted.delegate`).
+                // Nesting inside a unit that is not delegated would fight systemd, and its
+                // default `OOMPolicy=stop` would stop the unit at a submission's first OOM.
+                let ours = own == "/" || delegated(&own_dir);
+                let nested = if ours {
+                    nest(&own_dir, own == "/")
+                } else {
+                    Err(PoolError::NoCgroup(
+                        "the daemon's cgroup is not delegated to it".into(),
+                    ))
+                };
+                let base = match nested {
                     Ok(()) => own_dir.join(name),
                     Err(reason) if own == "/" => return Err(reason),
                     Err(reason) => {
@@ -201,6 +213,25 @@ fn nesting(controllers: &str, subtree_control: &str) -> Nesting {
             .filter(|c| has(controllers, c) && !has(subtree_control, c))
             .collect(),
     )
+}
+
+/// Whether systemd delegated `dir` to its unit (`Delegate=yes` sets the `trusted.delegate`
+/// extended attribute, systemd 251+).
+fn delegated(dir: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut value = [0u8; 8];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"trusted.delegate".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    n > 0 && value[0] == b'1'
 }
 
 /// How to grant the memory controller, for messages and `/health`.
