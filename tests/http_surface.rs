@@ -153,6 +153,26 @@ async fn post(
     (status, json, headers)
 }
 
+/// Start a run of `seconds` that holds a one-slot daemon's slot, and wait until it runs.
+async fn occupy_the_slot(
+    client: &reqwest::Client,
+    base: &str,
+    seconds: u64,
+) -> tokio::task::JoinHandle<(u16, Value, reqwest::header::HeaderMap)> {
+    let long = tokio::spawn({
+        let (client, url) = (client.clone(), format!("{base}/submit_code"));
+        let code = format!("import time; time.sleep({seconds})");
+        async move { post(&client, url, &json!({ "code": code }), None).await }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the long run never started",
+        || async move { ready(client, base).await["running"] == 1 },
+    )
+    .await;
+    long
+}
+
 /// A complete `POST` with a JSON body, as raw bytes.
 fn raw_post(path: &str, body: &str) -> Vec<u8> {
     format!(
@@ -636,27 +656,7 @@ async fn a_queued_request_whose_client_left_never_runs_and_frees_its_place() {
         let client = client();
         let base = d.base.clone();
 
-        let long = tokio::spawn({
-            let (client, url) = (client.clone(), format!("{base}/submit_code"));
-            async move {
-                post(
-                    &client,
-                    url,
-                    &json!({"code": "import time; time.sleep(8)"}),
-                    None,
-                )
-                .await
-            }
-        });
-        eventually(
-            Duration::from_secs(10),
-            "the long run never started",
-            || {
-                let (client, base) = (&client, &base);
-                async move { ready(client, base).await["running"] == 1 }
-            },
-        )
-        .await;
+        let long = occupy_the_slot(&client, &base, 8).await;
 
         let mut queued = Vec::new();
         for n in 0..4 {
@@ -726,27 +726,7 @@ async fn a_submission_waits_in_the_queue_no_longer_than_max_queue_wait() {
         let client = client();
         let base = d.base.clone();
         // Holds the one slot well past the queue wait.
-        let long = tokio::spawn({
-            let (client, url) = (client.clone(), format!("{base}/submit_code"));
-            async move {
-                post(
-                    &client,
-                    url,
-                    &json!({"code": "import time; time.sleep(6)"}),
-                    None,
-                )
-                .await
-            }
-        });
-        eventually(
-            Duration::from_secs(10),
-            "the long run never started",
-            || {
-                let (client, base) = (&client, &base);
-                async move { ready(client, base).await["running"] == 1 }
-            },
-        )
-        .await;
+        let long = occupy_the_slot(&client, &base, 6).await;
         let asked = Instant::now();
         let (status, body, headers) = post(
             &client,
@@ -1209,27 +1189,7 @@ async fn pipelined_bytes_do_not_hide_that_a_queued_client_left() {
         .await;
         let client = client();
         let base = d.base.clone();
-        let long = tokio::spawn({
-            let (client, url) = (client.clone(), format!("{base}/submit_code"));
-            async move {
-                post(
-                    &client,
-                    url,
-                    &json!({"code": "import time; time.sleep(6)"}),
-                    None,
-                )
-                .await
-            }
-        });
-        eventually(
-            Duration::from_secs(10),
-            "the long run never started",
-            || {
-                let (client, base) = (&client, &base);
-                async move { ready(client, base).await["running"] == 1 }
-            },
-        )
-        .await;
+        let long = occupy_the_slot(&client, &base, 6).await;
         // hyper looks for the end of the stream only when it has nothing buffered: a byte
         // or a whole request after the submission used to hide the hang-up.
         let mut queued = Vec::new();
