@@ -74,6 +74,7 @@ impl App {
         executor.prepare_idle_slots(default_runtime).await;
         Ok(App {
             state: AppState {
+                api_keys: Arc::new(api::ApiKeys::new(&settings.server.api_keys)),
                 responses: api::ResponseBudget::new(settings.server.max_inflight_response_bytes),
                 settings,
                 executor,

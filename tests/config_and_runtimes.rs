@@ -3,16 +3,9 @@
 
 mod common;
 
-use common::{app_with, bounded, repo_path, test_settings};
+use common::{app_with, bounded, env, repo_path, test_settings};
 use mixed_docker_executor::app::App;
 use mixed_docker_executor::config::{BackendKind, Settings};
-
-fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 #[test]
 fn defaults_then_file_then_environment() {

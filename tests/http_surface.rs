@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    Daemon, app_with, bounded, command, free_port, repo_path, start_with_args, test_settings,
+    Daemon, app_with, bounded, command, env, free_port, repo_path, start_with_args, test_settings,
 };
 use mixed_docker_executor::app::App;
 use mixed_docker_executor::config::Settings;
@@ -1016,13 +1016,6 @@ async fn unknown_fields_are_refused_by_the_v1_api_and_ignored_by_submit_code() {
 
 // ---------------------------------------------------------------------------------------
 // 11. Environment values
-
-fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 #[test]
 fn environment_values_are_parsed_strictly() {

@@ -51,6 +51,8 @@ pub(crate) enum ApiTags {
 #[derive(Clone)]
 pub struct AppState {
     pub settings: Arc<Settings>,
+    /// The API keys, hashed once at start (see `middleware::ApiKeys`).
+    pub(crate) api_keys: Arc<ApiKeys>,
     /// Bytes of execution answers that may be held at once (see `response_budget.rs`).
     pub(crate) responses: response_budget::ResponseBudget,
     pub executor: Arc<Executor>,
@@ -188,7 +190,7 @@ pub fn routes(state: AppState) -> impl Endpoint<Output = Response> {
     );
     let answer_grace = std::time::Duration::from_millis(server.write_timeout_ms);
     let metrics = Arc::clone(&state.metrics);
-    let api_keys = Arc::new(ApiKeys::new(&state.settings.server.api_keys));
+    let api_keys = Arc::clone(&state.api_keys);
     Route::new()
         .at("/openapi.json", spec)
         .nest("/docs", ui.around(read_only))

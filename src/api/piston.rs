@@ -484,7 +484,7 @@ pub enum PistonRuntimesResult {
 /// With `server.api_keys` set, these routes need a key as `/api/v1` does (checked here as
 /// well as by the router's middleware, which may not list `/api/v2`).
 fn unauthorized(state: &AppState, req: &Request) -> Option<Refusal> {
-    let keys = super::ApiKeys::new(&state.settings.server.api_keys);
+    let keys = &state.api_keys;
     if keys.is_empty() || keys.accepts(super::presented_key(req)) {
         return None;
     }

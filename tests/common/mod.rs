@@ -15,6 +15,14 @@ use poem::endpoint::BoxEndpoint;
 use poem::test::TestClient;
 use serde_json::Value;
 
+/// `MDE_*`-style variables as `Settings::load` takes them.
+pub fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 pub fn repo_path(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
