@@ -144,6 +144,15 @@ pub struct SandboxSettings {
     /// Keep a bubblewrap sandbox set up in each idle slot, so a request skips the ~10 ms of
     /// namespace and mount set-up (see execution/stage_exec.rs).
     pub prepare_sandboxes: bool,
+    /// Run runtimes marked `zygote` in runtimes.toml from a fork server per slot (see
+    /// execution/sandbox/zygote): each run forks a fresh sandbox from an interpreter that
+    /// has already started. Off, they use their warm interpreter as before.
+    pub zygotes: bool,
+    /// Replace a slot's zygote after this many runs (a fork shares the zygote's address
+    /// space layout and, for python, its hash secret: rotating bounds how long they live).
+    pub zygote_max_runs: u64,
+    /// ... or once it is this many seconds old.
+    pub zygote_max_age_secs: u64,
     /// PATH inside the sandbox; runtime commands are resolved against it.
     pub path: String,
     /// Host paths bound read-only into every sandbox (missing ones are skipped).
@@ -218,6 +227,9 @@ impl Default for SandboxSettings {
             tmpfs_workdir: true,
             launcher: true,
             prepare_sandboxes: true,
+            zygotes: true,
+            zygote_max_runs: 500,
+            zygote_max_age_secs: 300,
             path: "/usr/local/bin:/usr/bin:/bin".into(),
             ro_binds: [
                 "/usr",
@@ -382,6 +394,12 @@ impl Settings {
             return Err(invalid(
                 "sandbox.uid_base",
                 "must be a non-root uid with room for one uid per slot",
+            ));
+        }
+        if self.sandbox.zygote_max_runs == 0 || self.sandbox.zygote_max_age_secs == 0 {
+            return Err(invalid(
+                "sandbox.zygote_max_runs",
+                "zygote_max_runs and zygote_max_age_secs must be at least 1 (set sandbox.zygotes = false to turn zygotes off)",
             ));
         }
         self.limits.validate("limits")?;

@@ -11,7 +11,9 @@ use prometheus::{
 };
 
 use crate::error_code::ErrorCode;
-use crate::execution::{ExecutionObserver, ExecutionReport, StageStatus};
+use crate::execution::{
+    ExecutionObserver, ExecutionReport, StageStatus, StartKind, ZYGOTE_RESTART_REASONS,
+};
 use crate::runtimes::RuntimeSet;
 use crate::runtimes::reload::ReloadObserver;
 
@@ -60,6 +62,8 @@ pub struct Metrics {
     http_refused: IntCounterVec,
     executions: IntCounterVec,
     failures: IntCounterVec,
+    run_starts: IntCounterVec,
+    zygote_restarts: IntCounterVec,
     duration: HistogramVec,
     queue_wait: Histogram,
     in_flight: IntGauge,
@@ -105,6 +109,21 @@ impl Metrics {
             Opts::new(
                 "mde_execution_failures_total",
                 "Executions that did not end ok, by runtime and reason",
+            ),
+            &["runtime", "reason"],
+        )?;
+        let run_starts = IntCounterVec::new(
+            Opts::new(
+                "mde_run_starts_total",
+                "Run stages by how their process started: forked from a zygote, handed to a \
+                 warm interpreter, or started cold",
+            ),
+            &["runtime", "how"],
+        )?;
+        let zygote_restarts = IntCounterVec::new(
+            Opts::new(
+                "mde_zygote_restarts_total",
+                "Zygotes (fork servers) replaced, by runtime and reason",
             ),
             &["runtime", "reason"],
         )?;
@@ -200,6 +219,8 @@ impl Metrics {
 
         registry.register(Box::new(executions.clone()))?;
         registry.register(Box::new(failures.clone()))?;
+        registry.register(Box::new(run_starts.clone()))?;
+        registry.register(Box::new(zygote_restarts.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(queue_wait.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
@@ -224,6 +245,8 @@ impl Metrics {
             http_refused,
             executions,
             failures,
+            run_starts,
+            zygote_restarts,
             duration,
             queue_wait,
             in_flight,
@@ -253,6 +276,16 @@ impl Metrics {
                 .set(available);
             // Every series exists from start-up at 0, so a dashboard's failure panel shows
             // 0 rather than "No data" until the first failure.
+            for how in StartKind::ALL {
+                self.run_starts
+                    .with_label_values(&[runtime.name.as_str(), how.as_str()]);
+            }
+            if runtime.zygote {
+                for reason in ZYGOTE_RESTART_REASONS {
+                    self.zygote_restarts
+                        .with_label_values(&[runtime.name.as_str(), reason]);
+                }
+            }
             for status in StageStatus::ALL {
                 self.executions
                     .with_label_values(&[runtime.name.as_str(), status.as_str()]);
@@ -331,6 +364,18 @@ impl ExecutionObserver for Metrics {
                 .with_label_values(&[runtime])
                 .observe(peak as f64);
         }
+    }
+
+    fn run_started(&self, runtime: &str, how: StartKind) {
+        self.run_starts
+            .with_label_values(&[runtime, how.as_str()])
+            .inc();
+    }
+
+    fn zygote_restarted(&self, runtime: &str, reason: &'static str) {
+        self.zygote_restarts
+            .with_label_values(&[runtime, reason])
+            .inc();
     }
 }
 

@@ -374,46 +374,56 @@ async fn a_planted_module_cannot_stop_a_warm_interpreter_lowering_its_limits() {
 
 #[tokio::test]
 async fn the_in_sandbox_helper_cannot_be_hijacked() {
-    bounded(60, async {
-        let t = app_with(test_settings()).await;
-        // The helper that forked us runs as our uid and holds the status pipe: it must not
-        // let us at its descriptors or memory (it is not dumpable).
-        let code = "import os\n\
-                    pp = os.getppid()\n\
-                    print('parent', open(f'/proc/{pp}/cmdline', 'rb').read().split(b'\\0')[1].decode())\n\
-                    for what in ['fd', 'mem', 'environ']:\n    \
-                    try:\n        \
-                    os.listdir(f'/proc/{pp}/fd') if what == 'fd' else open(f'/proc/{pp}/{what}', 'rb').read(1)\n        \
-                    print(what, 'open')\n    \
-                    except PermissionError:\n        \
-                    print(what, 'denied')";
-        let run = run_py(&t, code, json!({})).await;
-        assert_eq!(
-            run["stdout"],
-            "parent __stage-exec\nfd denied\nmem denied\nenviron denied\n",
-            "{run}"
-        );
-        // The helper is the sandbox's pid 1: a signal from inside cannot kill it (the
-        // kernel drops it), so the run goes on and still gets its exact status.
-        let code = "import os, time\nos.kill(os.getppid(), 9)\ntime.sleep(0.2)\nos.kill(1, 0)\nprint('pid 1 survived', os.getppid(), flush=True)\nos.execv('/usr/bin/sleep', ['sleep', '0.1'])";
-        let run = run_py(&t, code, json!({"wall_time_ms": 20000})).await;
-        assert_eq!(run["status"], "ok", "{run}");
-        assert_eq!(run["stdout"], "pid 1 survived 1\n", "{run}");
-        // A run that cannot end on its own still ends at its limit, with nothing left.
-        let code = "import os\nos.kill(os.getppid(), 9)\nos.execv('/usr/bin/sleep', ['sleep', '3131.5'])";
-        let run = run_py(&t, code, json!({"wall_time_ms": 2000})).await;
-        assert_eq!(run["status"], "timeout", "{run}");
-        assert!(
-            run["wall_time_ms"].as_u64().unwrap_or(u64::MAX) < 10_000,
-            "the run ends with its sandbox: {run}"
-        );
-        assert_no_process_with("3131.5", 5).await;
-        // The slot's next run has its helper again: exact exit codes.
-        let run = run_py(&t, "import sys\nsys.exit(137)", json!({})).await;
-        assert_eq!(run["exit_code"], 137, "{run}");
-        still_serving(&t).await;
+    bounded(90, async {
+        // Both kinds of pid 1: a zygote's run init (python3 as shipped), and the stage-exec
+        // helper (zygotes off: python3 from a warm interpreter in a prepared sandbox).
+        for zygotes in [true, false] {
+            let mut s = test_settings();
+            s.sandbox.zygotes = zygotes;
+            hijack_attempts(&app_with(s).await, zygotes).await;
+        }
     })
     .await;
+}
+
+async fn hijack_attempts(t: &TestApp, zygotes: bool) {
+    // The pid 1 that forked us (the stage-exec helper, or a zygote's run init) runs as
+    // our uid and holds the status pipe: it must not let us at its descriptors or
+    // memory (it is not dumpable).
+    let code = "import os\n\
+                pp = os.getppid()\n\
+                print('parent', pp)\n\
+                for what in ['fd', 'mem', 'environ']:\n    \
+                try:\n        \
+                os.listdir(f'/proc/{pp}/fd') if what == 'fd' else open(f'/proc/{pp}/{what}', 'rb').read(1)\n        \
+                print(what, 'open')\n    \
+                except PermissionError:\n        \
+                print(what, 'denied')";
+    let run = run_py(t, code, json!({})).await;
+    assert_eq!(
+        run["stdout"], "parent 1\nfd denied\nmem denied\nenviron denied\n",
+        "zygotes {zygotes}: {run}"
+    );
+    // The helper is the sandbox's pid 1: a signal from inside cannot kill it (the
+    // kernel drops it), so the run goes on and still gets its exact status.
+    let code = "import os, time\nos.kill(os.getppid(), 9)\ntime.sleep(0.2)\nos.kill(1, 0)\nprint('pid 1 survived', os.getppid(), flush=True)\nos.execv('/usr/bin/sleep', ['sleep', '0.1'])";
+    let run = run_py(t, code, json!({"wall_time_ms": 20000})).await;
+    assert_eq!(run["status"], "ok", "{run}");
+    assert_eq!(run["stdout"], "pid 1 survived 1\n", "{run}");
+    // A run that cannot end on its own still ends at its limit, with nothing left.
+    let code =
+        "import os\nos.kill(os.getppid(), 9)\nos.execv('/usr/bin/sleep', ['sleep', '3131.5'])";
+    let run = run_py(t, code, json!({"wall_time_ms": 2000})).await;
+    assert_eq!(run["status"], "timeout", "{run}");
+    assert!(
+        run["wall_time_ms"].as_u64().unwrap_or(u64::MAX) < 10_000,
+        "the run ends with its sandbox: {run}"
+    );
+    assert_no_process_with("3131.5", 5).await;
+    // The slot's next run has its helper again: exact exit codes.
+    let run = run_py(t, "import sys\nsys.exit(137)", json!({})).await;
+    assert_eq!(run["exit_code"], 137, "{run}");
+    still_serving(t).await;
 }
 
 #[tokio::test]

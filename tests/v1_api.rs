@@ -511,33 +511,56 @@ async fn wait_for(mut check: impl AsyncFnMut() -> bool, what: &str) {
     panic!("timed out waiting for {what}");
 }
 
-/// python3 exactly as the repo ships it, but not kept warm.
-fn cold_python() -> String {
+/// python3 exactly as the repo ships it, named `name`, with `warm` and `zygote` lines
+/// kept only as asked.
+fn python_variant(name: &str, warm: bool, zygote: bool) -> String {
     let base = std::fs::read_to_string(common::repo_path("runtimes.toml")).expect("read");
     let entry = base
         .split("[[runtime]]")
         .find(|e| e.contains("name = \"python3\""))
         .expect("python3 entry");
     assert!(entry.contains("warm = \"python\""), "python3 ships warm");
-    format!(
-        "[[runtime]]{}",
-        entry
-            .replace("name = \"python3\"", "name = \"pycold\"")
-            .replace("aliases = [\"python\", \"py\"]", "")
-            .replace("warm = \"python\"", "")
-    )
+    assert!(
+        entry.contains("zygote = true"),
+        "python3 ships with a zygote"
+    );
+    let mut entry = entry
+        .replace("name = \"python3\"", &format!("name = \"{name}\""))
+        .replace("aliases = [\"python\", \"py\"]", "");
+    if !zygote {
+        entry = entry.replace("zygote = true", "");
+    }
+    if !warm {
+        entry = entry.replace("warm = \"python\"", "");
+    }
+    format!("[[runtime]]{entry}")
+}
+
+/// python3 exactly as the repo ships it, but started cold.
+fn cold_python() -> String {
+    python_variant("pycold", false, false)
 }
 
 #[tokio::test]
-async fn a_warm_python_behaves_like_a_cold_one() {
+async fn warm_and_zygote_pythons_behave_like_a_cold_one() {
     bounded(90, async {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("runtimes.toml");
-        std::fs::write(&file, runtimes_with(&cold_python())).expect("write");
+        let extra = format!("{}\n{}", cold_python(), python_variant("pywarm", true, false));
+        std::fs::write(&file, runtimes_with(&extra)).expect("write");
         let mut s = test_settings();
         s.runtimes.file = file;
         s.execution.max_concurrent = 1;
         let t = app_with(s).await;
+        let starts = async |how: &str| -> u64 {
+            let metrics = t.get("/metrics").await.1;
+            let series = format!("mde_run_starts_total{{how=\"{how}\",runtime=\"python3\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
         let run = async |runtime: &str, code: &str, args: Value, stdin: &str| {
             let r = t
                 .execute(json!({"runtime": runtime, "code": code, "args": args, "stdin": stdin}))
@@ -546,7 +569,8 @@ async fn a_warm_python_behaves_like_a_cold_one() {
         };
         // The warm path is the one taken: its interpreter was started with the bootstrap.
         let argv3 = "print(open('/proc/self/cmdline', 'rb').read().split(b'\\0')[3].decode())";
-        assert_eq!(run("python3", argv3, json!([]), "").await["stdout"], "-c\n");
+        run("pywarm", "pass", json!([]), "").await;
+        assert_eq!(run("pywarm", argv3, json!([]), "").await["stdout"], "-c\n");
         assert_eq!(run("pycold", argv3, json!([]), "").await["stdout"], "main.py\n");
         let programs = [
             "def f():\n    raise ValueError('boom')\nf()",
@@ -558,16 +582,36 @@ async fn a_warm_python_behaves_like_a_cold_one() {
             "import os\nos.kill(os.getpid(), 9)",
             "import atexit, threading\natexit.register(lambda: print('bye'))\nthreading.Thread(target=lambda: print('thread')).start()",
             "import pickle\nclass P: pass\nprint(len(pickle.dumps(P())) > 0, P.__module__)",
+            // What a zygote's run must renew or emulate: pid numbers, its own /proc, the
+            // interpreter's shutdown (finalizers, atexit after threads, exit codes).
+            "import os\nprint(os.getpid(), os.getppid(), sorted(p for p in os.listdir('/proc') if p.isdigit()))",
+            "import os, threading\nprint(os.getpid() == int(os.readlink('/proc/self')), threading.current_thread().name, threading.active_count())",
+            "import os, threading, time\nt = threading.Thread(target=lambda: (time.sleep(0.1), print('late thread', flush=True)))\nt.start()\nimport atexit\natexit.register(print, 'atexit after threads')",
+            "class D:\n    def __del__(self):\n        print('finalized at exit')\nd = D()\nprint('main done')",
+            "import sys\nsys.exit('a message')",
+            "raise SystemExit(300)",
+            "import sys\nprint('buffered', end='')\nsys.exit(None)",
+            "import os\npid = os.fork()\nif pid == 0:\n    print('child', os.getppid())\n    os._exit(5)\n_, st = os.waitpid(pid, 0)\nprint('parent saw', os.waitstatus_to_exitcode(st))",
+            "import multiprocessing as mp\nif __name__ == '__main__':\n    with mp.Pool(2) as p:\n        print(p.map(abs, [-1, -2, 3]))",
+            "import signal, os\nsignal.signal(signal.SIGTERM, lambda *a: print('got term'))\nos.kill(os.getpid(), signal.SIGTERM)\nprint('after')",
+            "import resource\nprint(resource.getrlimit(resource.RLIMIT_NOFILE), resource.getrlimit(resource.RLIMIT_FSIZE))",
+            "import os\nprint(sorted(os.listdir('/box')), sorted(os.listdir('/tmp')), os.getcwd(), open('/proc/self/status').read().count('CapEff:\\t0000000000000000'))",
+            "print(open('/proc/cmdline').read() == '', __import__('socket').gethostname())",
         ];
         for code in programs {
             // After pycold the one slot's sandbox is plain: a python3 run makes the next one
-            // warm (the check proves it), and so the one after, the program under test.
+            // a zygote (the metrics prove the run under test came from one).
             run("python3", "pass", json!([]), "").await;
-            assert_eq!(run("python3", argv3, json!([]), "").await["stdout"], "-c\n");
-            let warm = run("python3", code, json!(["a1"]), "abc\n").await;
+            let before = starts("zygote").await;
+            let zygote = run("python3", code, json!(["a1"]), "abc\n").await;
+            assert_eq!(starts("zygote").await, before + 1, "{code:?} ran from the zygote");
+            run("pywarm", "pass", json!([]), "").await;
+            assert_eq!(run("pywarm", argv3, json!([]), "").await["stdout"], "-c\n");
+            let warm = run("pywarm", code, json!(["a1"]), "abc\n").await;
             let cold = run("pycold", code, json!(["a1"]), "abc\n").await;
             for key in ["stdout", "stderr", "exit_code", "signal", "status"] {
                 assert_eq!(warm[key], cold[key], "{key} differs for {code:?}: {warm} vs {cold}");
+                assert_eq!(zygote[key], cold[key], "{key} differs for {code:?}: zygote {zygote} vs cold {cold}");
             }
         }
     })

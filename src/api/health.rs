@@ -30,6 +30,8 @@ pub struct Health {
     /// How CPU time is limited: for the whole process tree (cgroup accounting, with
     /// RLIMIT_CPU behind it), or per process by RLIMIT_CPU alone.
     pub cpu_enforcement: String,
+    /// Runtimes whose runs are forked from a zygote (a fork server per slot) here.
+    pub zygote_runtimes: Vec<String>,
     /// Things an operator should fix; empty on a well set-up host.
     pub warnings: Vec<String>,
 }
@@ -45,6 +47,7 @@ impl poem_openapi::types::Example for Health {
             per_slot_uid: true,
             workdir_size_enforced: true,
             cpu_enforcement: CPU_TREE.into(),
+            zygote_runtimes: vec!["python3".into()],
             warnings: Vec::new(),
         }
     }
@@ -152,6 +155,27 @@ impl HealthApi {
         if !info.socket_memory_limited {
             warnings.push("socket buffers are not charged to the runs' memory limit".into());
         }
+        let runtimes = state.runtimes.snapshot();
+        let zygote_runtimes: Vec<String> = runtimes
+            .runtimes
+            .iter()
+            .filter(|r| state.executor.zygote_serves(r))
+            .map(|r| r.name.clone())
+            .collect();
+        let opted_in: Vec<&str> = runtimes
+            .runtimes
+            .iter()
+            .filter(|r| r.zygote && r.availability.available)
+            .map(|r| r.name.as_str())
+            .collect();
+        if let crate::execution::ZygoteSupport::Unavailable(why) = &info.zygotes {
+            if !opted_in.is_empty() && state.settings.sandbox.zygotes {
+                warnings.push(format!(
+                    "runtimes {} start without a zygote (one interpreter start per run): {why}",
+                    opted_in.join(", ")
+                ));
+            }
+        }
         let out_of_service = state.executor.slots_out_of_service();
         if out_of_service > 0 {
             warnings.push(format!(
@@ -177,6 +201,7 @@ impl HealthApi {
             per_slot_uid: info.per_slot_uid,
             workdir_size_enforced: info.sized_workdir,
             cpu_enforcement: cpu_enforcement.into(),
+            zygote_runtimes,
             warnings,
         })
     }

@@ -27,6 +27,10 @@ pub struct RuntimeInfo {
     /// True when idle slots keep this runtime's interpreter started, waiting for the next
     /// program (`warm` in runtimes.toml): its submissions skip the interpreter's start-up.
     pub warm: bool,
+    /// How this runtime's runs start here: `zygote` (forked, each a fresh sandbox, from an
+    /// interpreter started once per slot: `zygote` in runtimes.toml, where the host allows
+    /// it; `/health` says why not), `warm` (an interpreter started ahead per run) or `cold`.
+    pub start: RunStart,
     /// The name a single submitted file is saved as.
     pub file_name: String,
     /// Whether the runtime's commands are installed here.
@@ -41,6 +45,15 @@ pub struct RuntimeInfo {
     pub max_limits: Limits,
     /// Limits of the compile stage, for compiled runtimes.
     pub compile_limits: Option<Limits>,
+}
+
+/// How a runtime's run stages start.
+#[derive(Debug, Clone, Copy, poem_openapi::Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum RunStart {
+    Zygote,
+    Warm,
+    Cold,
 }
 
 #[derive(ApiResponse)]
@@ -75,6 +88,13 @@ impl RuntimesApi {
                     default: r.name == set.default,
                     compiled: r.compile.is_some(),
                     warm: r.warm.is_some(),
+                    start: if state.executor.zygote_serves(r) {
+                        RunStart::Zygote
+                    } else if r.warm.is_some() {
+                        RunStart::Warm
+                    } else {
+                        RunStart::Cold
+                    },
                     file_name: r.file_name.clone(),
                     available: r.availability.available,
                     unavailable_reason: r.availability.reason.clone(),

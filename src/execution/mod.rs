@@ -17,8 +17,8 @@ mod stage;
 
 pub use crate::file_names::validate as validate_file_name;
 pub use crate::limits::{LimitExceeded, Limits, LimitsOverride};
-pub use executor::{Busy, Executor, ExecutorError, ExecutorInfo, ExecutorOptions};
-pub use observer::{ExecutionObserver, NoopObserver};
+pub use executor::{Busy, Executor, ExecutorError, ExecutorInfo, ExecutorOptions, ZygoteSupport};
+pub use observer::{ExecutionObserver, NoopObserver, StartKind, ZYGOTE_RESTART_REASONS};
 pub use pool::MemoryEnforcement;
 pub use pool::launcher::{LAUNCHER_ARG, launcher_main, this_binary_serves_helpers};
 pub use report::{ExecutionReport, LimitKind, StageReport, StageStatus, without_host_paths};

@@ -14,7 +14,47 @@ pub trait ExecutionObserver: Send + Sync {
     fn admitted(&self, _wait: Duration) {}
     /// It finished, whatever the outcome.
     fn finished(&self, _runtime: &str, _report: &ExecutionReport, _elapsed: Duration) {}
+    /// Its run stage was started `how`.
+    fn run_started(&self, _runtime: &str, _how: StartKind) {}
+    /// A slot's zygote of `runtime` was replaced (or could not start), for `reason`, one of
+    /// [`ZYGOTE_RESTART_REASONS`].
+    fn zygote_restarted(&self, _runtime: &str, _reason: &'static str) {}
 }
+
+/// How a run stage's process came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartKind {
+    /// Forked from a slot's fork server (see `sandbox/zygote`).
+    Zygote,
+    /// Handed to an interpreter already started in a prepared sandbox.
+    Warm,
+    /// Started on request (a prepared sandbox's helper or a new sandbox).
+    Cold,
+}
+
+impl StartKind {
+    pub const ALL: [StartKind; 3] = [StartKind::Zygote, StartKind::Warm, StartKind::Cold];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartKind::Zygote => "zygote",
+            StartKind::Warm => "warm",
+            StartKind::Cold => "cold",
+        }
+    }
+}
+
+/// Why a zygote is replaced: it served `zygote_max_runs`, outlived `zygote_max_age_secs`,
+/// was killed with a run that hit a limit, held more than a quarter of a run's memory
+/// limit, died or stopped answering, or could not start.
+pub const ZYGOTE_RESTART_REASONS: [&str; 6] = [
+    "max_runs",
+    "max_age",
+    "run_killed",
+    "memory",
+    "died",
+    "start_failed",
+];
 
 /// For tests and tools that do not care.
 pub struct NoopObserver;

@@ -99,6 +99,8 @@ pub struct Runtime {
     pub backend: BackendKind,
     /// Kept started in idle sandboxes (see `execution/warm.rs`).
     pub warm: Option<WarmKind>,
+    /// Forked per run from a fork server (see `execution/sandbox/zygote`); needs `warm`.
+    pub zygote: bool,
     pub availability: Availability,
 }
 
@@ -129,6 +131,7 @@ impl Runtime {
             compile_limits: Limits::default_compile(),
             backend,
             warm: None,
+            zygote: false,
             availability: Availability {
                 available: true,
                 reason: None,

@@ -90,6 +90,13 @@ pub(super) fn validate(
                 ));
             }
         }
+        if entry.zygote && entry.warm.is_none() {
+            return Err(entry_error(
+                name,
+                "zygote",
+                "needs `warm` (the language of the interpreter's bootstrap)".into(),
+            ));
+        }
         if let Err(message) = crate::file_names::validate(&entry.file_name) {
             return Err(entry_error(name, "file_name", message.to_string()));
         }
@@ -138,6 +145,7 @@ pub(super) fn validate(
             compile_limits,
             backend: entry.backend.unwrap_or(settings.sandbox.backend),
             warm: entry.warm,
+            zygote: entry.zygote,
             availability: Availability {
                 available: true,
                 reason: None,

@@ -9,11 +9,13 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 mod admission;
+mod command;
 mod pipeline;
 mod prepared;
 #[cfg(test)]
 mod tests;
 mod warm;
+mod zygote;
 
 use super::observer::ExecutionObserver;
 use super::pool::launcher::launcher_executable;
@@ -25,8 +27,9 @@ use crate::config::{BackendKind, SandboxSettings};
 pub use crate::execution::request::Busy;
 use crate::runtimes::Runtime;
 use admission::{Admission, SlotLease};
-use pipeline::warmable;
 use prepared::PreparedSandbox;
+use warm::warmable;
+pub use zygote::ZygoteSupport;
 
 /// What the executor enforces on this host, for start-up logs and `/health`.
 #[derive(Debug, Clone)]
@@ -48,6 +51,8 @@ pub struct ExecutorInfo {
     pub work_root: std::path::PathBuf,
     /// This daemon's memory cgroup, when one is used; removed at shutdown.
     pub cgroup_dir: Option<std::path::PathBuf>,
+    /// Whether runtimes marked `zygote` are forked from zygotes here.
+    pub zygotes: ZygoteSupport,
 }
 
 impl ExecutorInfo {
@@ -91,6 +96,8 @@ pub enum ExecutorError {
     NotInstalled(String),
     #[error("`{0}` is not a warm runtime")]
     NotWarm(String),
+    #[error("`{0}` cannot run from a zygote here")]
+    NoZygote(String),
     #[error("prepared sandboxes are off")]
     NoPreparedSandboxes,
     #[error("the prepared sandbox did not take its command")]
@@ -110,6 +117,8 @@ struct SlotState {
     /// The warm runtime its next prepared sandbox starts: the default one at first, then
     /// the runtime the slot last ran if that is warm, else none (plain).
     warm_for: Option<Arc<Runtime>>,
+    /// The last run was a zygote's, which kept it: the slot needs no settling or reset.
+    zygote_kept: bool,
 }
 
 pub struct Executor {
@@ -133,6 +142,9 @@ pub struct Executor {
     sandbox_path: String,
     queue: usize,
     observer: Arc<dyn ExecutionObserver>,
+    zygote_support: ZygoteSupport,
+    zygote_max_runs: u64,
+    zygote_max_age: std::time::Duration,
 }
 
 impl Executor {
@@ -163,6 +175,8 @@ impl Executor {
             BackendKind::Bwrap => launcher_executable(),
             BackendKind::Process => None,
         };
+        let zygote_support =
+            ZygoteSupport::detect(sandbox, bwrap.is_some(), helper.is_some(), &slots);
         Ok(Executor {
             admission: Admission::new(count, opts.queue_size, opts.max_queue_wait),
             slot_state: (0..count).map(|_| Mutex::default()).collect(),
@@ -179,6 +193,9 @@ impl Executor {
             sandbox_path: sandbox.path.clone(),
             queue: opts.queue_size,
             observer,
+            zygote_support,
+            zygote_max_runs: sandbox.zygote_max_runs,
+            zygote_max_age: std::time::Duration::from_secs(sandbox.zygote_max_age_secs),
         })
     }
 
@@ -195,6 +212,7 @@ impl Executor {
             queue: self.queue,
             work_root: self.slots.root.clone(),
             cgroup_dir: self.slots.cgroup_dir(),
+            zygotes: self.zygote_support.clone(),
         }
     }
 
@@ -306,6 +324,14 @@ impl Executor {
                 let next = warmable(&request.runtime).then(|| Arc::clone(&request.runtime));
                 this.with_slot_state(lease.index, |s| s.warm_for = next);
             }
+            // A zygote that served the run stays, and its runs leave nothing to clean.
+            if this
+                .with_slot_state(lease.index, |s| std::mem::take(&mut s.zygote_kept))
+                .unwrap_or(false)
+            {
+                drop(lease);
+                return;
+            }
             if !this.settle_slot(lease.index).await {
                 // Something of the last run outlived every kill: it must not share the
                 // slot (and its uid) with the next one.
@@ -318,7 +344,7 @@ impl Executor {
             }
             match this.slots.reset(lease.index) {
                 Ok(_) => {
-                    this.prepare_sandbox(lease.index).await;
+                    this.prepare_slot(lease.index).await;
                     drop(lease);
                 }
                 Err(e) => {
@@ -354,7 +380,7 @@ impl Executor {
                 .with_slot_state(lease.index, |s| s.prepared.is_some())
                 .unwrap_or(true);
             if !already {
-                self.prepare_sandbox(lease.index).await;
+                self.prepare_slot(lease.index).await;
             }
             leases.push(lease);
         }

@@ -2,15 +2,17 @@
 //! runtime has one, then the run, each in its own sandbox.
 
 use super::Executor;
+use super::command::fill_template;
 use super::prepared::{PreparedSandbox, Waiting, exec_spec, hand_over};
 use super::warm::WarmRequest;
 use crate::config::BackendKind;
+use crate::execution::observer::StartKind;
 use crate::execution::pool::Slot;
 use crate::execution::report::{ExecutionReport, StageReport, StageStatus};
 use crate::execution::sandbox::{SandboxBackend, StagePlan};
 use crate::execution::stage::{RunContext, StageStart, rlimits, run_stage, supervise};
 use crate::execution::{ExecutionRequest, Limits};
-use crate::runtimes::{Runtime, resolve_command};
+use crate::runtimes::resolve_command;
 
 impl Executor {
     pub(super) async fn run_stages(
@@ -45,6 +47,15 @@ impl Executor {
             None => request.limits.workdir_bytes,
         };
         let mut prepared = self.take_prepared(slot_index, runtime).await;
+        if prepared.as_ref().is_some_and(PreparedSandbox::is_zygote) {
+            // `Err`: the zygote could not take the run, which starts as if it had never been.
+            if let Ok(report) = self
+                .run_in_zygote(prepared.take(), request, slot_index)
+                .await
+            {
+                return report;
+            }
+        }
         let slot = match self.slots.prepare(
             slot_index,
             &request.files,
@@ -70,6 +81,7 @@ impl Executor {
                     runtime.compile_limits,
                     &[],
                     prepared.take(),
+                    false,
                 )
                 .await;
             if report.status != StageStatus::Ok {
@@ -109,6 +121,7 @@ impl Executor {
                 request.limits,
                 &request.stdin,
                 prepared.take(),
+                true,
             )
             .await;
         ExecutionReport {
@@ -128,6 +141,7 @@ impl Executor {
         limits: Limits,
         stdin: &[u8],
         prepared: Option<PreparedSandbox>,
+        is_run_stage: bool,
     ) -> StageReport {
         let mut argv = fill_template(template, &request.entry);
         argv.extend(args.iter().cloned());
@@ -193,6 +207,13 @@ impl Executor {
             }
             None => None,
         };
+        if is_run_stage {
+            let how = match &prepared {
+                Some(p) if p.is_warm() => StartKind::Warm,
+                _ => StartKind::Cold,
+            };
+            self.observer.run_started(&request.runtime.name, how);
+        }
         if let Some(prepared) = prepared {
             // A warm interpreter gets the program's own argv: from `{file}` on.
             let program_argv = template
@@ -234,7 +255,7 @@ impl Executor {
         // count (the user namespace was made under the looser ceiling above).
         let ctx = &RunContext {
             backend_processes: 1,
-            status_pipe: Some(&prepared.status),
+            status_pipe: prepared.status.as_ref(),
             launcher: ctx.launcher.clone(),
             ..*ctx
         };
@@ -248,6 +269,11 @@ impl Executor {
             Waiting::Warm { request, .. } => {
                 let warm = WarmRequest::new(program_argv, &rlimits(ctx));
                 (request, Ok(warm.encode()))
+            }
+            // `run_stages` hands a zygote its runs; no stage comes here with one.
+            Waiting::Zygote(_) => {
+                prepared.spawned.discard(ctx.cgroup).await;
+                return StageReport::internal("a zygote was handed a stage", ctx.limits);
             }
         };
         let json = match json {
@@ -263,46 +289,5 @@ impl Executor {
             );
         }
         supervise(prepared.spawned, ctx, start).await
-    }
-}
-
-/// Replace `{file}` with the entry file's name and `{stem}` with that name's final
-/// component without its extension.
-pub(super) fn fill_template(template: &[String], entry: &str) -> Vec<String> {
-    let base = entry.rsplit('/').next().unwrap_or(entry);
-    let stem = base.rsplit_once('.').map_or(base, |(stem, _)| stem);
-    template
-        .iter()
-        .map(|part| part.replace("{file}", entry).replace("{stem}", stem))
-        .collect()
-}
-
-/// Whether idle sandboxes may keep `runtime` started (see `warm.rs`).
-pub(super) fn warmable(runtime: &Runtime) -> bool {
-    runtime.warm.is_some()
-        && runtime.compile.is_none()
-        && runtime.backend == BackendKind::Bwrap
-        && runtime.availability.available
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn templates_fill_file_and_stem() {
-        let t = vec![
-            "java".to_string(),
-            "-cp".into(),
-            ".".into(),
-            "{stem}".into(),
-        ];
-        assert_eq!(
-            super::fill_template(&t, "src/Main.java"),
-            vec!["java", "-cp", ".", "Main"]
-        );
-        let t = vec!["python3".to_string(), "{file}".into()];
-        assert_eq!(
-            super::fill_template(&t, "main.py"),
-            vec!["python3", "main.py"]
-        );
     }
 }

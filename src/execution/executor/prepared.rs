@@ -24,7 +24,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::warm::warm_command;
+use super::warm::{Bootstrap, warm_command};
 use super::{Executor, ExecutorError};
 use crate::config::BackendKind;
 use crate::execution::pool::Slot;
@@ -37,8 +37,9 @@ pub(super) struct PreparedSandbox {
     pub(super) spawned: Spawned,
     /// What it waits for.
     pub(super) waiting: Waiting,
-    /// Read end of the pipe the helper reports the stage's wait status on.
-    pub(super) status: OwnedFd,
+    /// Read end of the pipe the helper reports the stage's wait status on (a zygote's
+    /// runs each have their own).
+    pub(super) status: Option<OwnedFd>,
     /// The runtime paths bound into it: a runtime needing others gets a fresh sandbox.
     pub(super) binds: Vec<PathBuf>,
 }
@@ -52,6 +53,38 @@ pub(super) enum Waiting {
         runtime: Arc<Runtime>,
         request: OwnedFd,
     },
+    /// A fork server of `runtime` (as loaded then) serving runs on `control`, until it has
+    /// served its share or grown too old (see `zygote.rs`).
+    Zygote(ZygoteState),
+}
+
+/// A running zygote, as its slot keeps it (see `zygote.rs`).
+pub(crate) struct ZygoteState {
+    pub(super) runtime: Arc<Runtime>,
+    pub(super) control: OwnedFd,
+    pub(super) runs: u64,
+    pub(super) started: std::time::Instant,
+    pub(super) max_runs: u64,
+    pub(super) max_age: std::time::Duration,
+}
+
+impl ZygoteState {
+    /// Whether it may serve `runtime`'s next run.
+    pub(super) fn serves(&self, runtime: &Arc<Runtime>) -> bool {
+        Arc::ptr_eq(&self.runtime, runtime) && self.worn_out().is_none()
+    }
+
+    /// Why it must be replaced now, if it must: the reason `mde_zygote_restarts_total`
+    /// counts.
+    pub(super) fn worn_out(&self) -> Option<&'static str> {
+        if self.runs >= self.max_runs {
+            Some("max_runs")
+        } else if self.started.elapsed() >= self.max_age {
+            Some("max_age")
+        } else {
+            None
+        }
+    }
 }
 
 impl PreparedSandbox {
@@ -69,10 +102,15 @@ impl PreparedSandbox {
         matches!(self.waiting, Waiting::Warm { .. })
     }
 
+    pub(super) fn is_zygote(&self) -> bool {
+        matches!(self.waiting, Waiting::Zygote(_))
+    }
+
     pub(super) fn suits(&mut self, runtime: &Arc<Runtime>) -> bool {
         let waits_for_it = match &self.waiting {
             Waiting::Command(_) => true,
             Waiting::Warm { runtime: warm, .. } => Arc::ptr_eq(warm, runtime),
+            Waiting::Zygote(z) => z.serves(runtime),
         };
         waits_for_it
             && runtime.backend == BackendKind::Bwrap
@@ -167,7 +205,7 @@ impl Executor {
         let sandbox = PreparedSandbox {
             spawned,
             waiting,
-            status: prepared.status,
+            status: Some(prepared.status),
             binds,
         };
         // Written once the helper runs (a pipe holds only so much before it is read).
@@ -191,7 +229,7 @@ impl Executor {
         let kind = runtime
             .warm
             .ok_or_else(|| ExecutorError::NotWarm(runtime.name.clone()))?;
-        let mut argv = warm_command(kind, &runtime.run, fd).into_iter();
+        let mut argv = warm_command(kind, Bootstrap::Warm, &runtime.run, fd).into_iter();
         let program = argv.next().unwrap_or_default();
         let program = resolve_command(&program, &self.sandbox_path)
             .ok_or_else(|| ExecutorError::NotInstalled(program.clone()))?;

@@ -16,8 +16,9 @@
 
 use std::os::fd::RawFd;
 
+use crate::config::BackendKind;
 use crate::execution::sandbox::child::Rlimit;
-use crate::runtimes::WarmKind;
+use crate::runtimes::{Runtime, WarmKind};
 
 /// What the daemon writes to a waiting interpreter: NUL-separated fields, the rlimit count,
 /// then `resource soft hard` per rlimit, then the program's argv (`[entry file, args...]`,
@@ -51,15 +52,34 @@ impl WarmRequest {
     }
 }
 
-/// The run command with `{file}` replaced by the bootstrap reading from `fd`.
-pub(crate) fn warm_command(kind: WarmKind, run: &[String], fd: RawFd) -> Vec<String> {
+/// How the interpreter gets its program: from a pipe it waits on (warm), or by forking one
+/// fresh sandbox per run from a fork server (zygote).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bootstrap {
+    Warm,
+    Zygote,
+}
+
+/// The run command with `{file}` replaced by the bootstrap reading from `fd` (warm), or
+/// serving runs on the control socket `fd` (zygote).
+pub(crate) fn warm_command(
+    kind: WarmKind,
+    bootstrap: Bootstrap,
+    run: &[String],
+    fd: RawFd,
+) -> Vec<String> {
     let mut argv = Vec::with_capacity(run.len() + 2);
     for arg in run {
         if arg == "{file}" {
             match kind {
                 WarmKind::Python => {
                     argv.push("-c".to_owned());
-                    argv.push(PYTHON_BOOTSTRAP.to_owned());
+                    argv.push(match bootstrap {
+                        Bootstrap::Warm => format!("{PYTHON_PROLOGUE}{PYTHON_TAKE}{PYTHON_WARM}"),
+                        Bootstrap::Zygote => {
+                            format!("{PYTHON_PROLOGUE}{PYTHON_TAKE}{PYTHON_ZYGOTE}")
+                        }
+                    });
                     argv.push(fd.to_string());
                 }
             }
@@ -75,13 +95,17 @@ pub(crate) fn warm_command(kind: WarmKind, run: &[String], fd: RawFd) -> Vec<Str
 /// interpreter starts: a planted `resource.py` must never be what lowers the limits).
 /// Afterwards only the excepthook wrapper that hides the bootstrap's frame is visible to
 /// the program.
-const PYTHON_BOOTSTRAP: &str = r#"import sys
+const PYTHON_PROLOGUE: &str = r#"import sys
 if sys.path and sys.path[0] == '':
     del sys.path[0]
-def _mde_take():
-    before = set(sys.modules)
+_mde_before = set(sys.modules)
+"#;
+
+/// Reads the request from `fd` (rlimits, then argv) and makes the program's `__main__`;
+/// drops every module imported since `_mde_before`.
+const PYTHON_TAKE: &str = r#"def _mde_take(fd, before):
     import os, resource
-    with os.fdopen(int(sys.argv[1]), 'rb') as f:
+    with os.fdopen(fd, 'rb') as f:
         data = f.read()
     if not data:
         os._exit(0)
@@ -113,10 +137,101 @@ def _mde_take():
     for name in set(sys.modules) - before - {'__main__'}:
         del sys.modules[name]
     return compile(source, path, 'exec'), main.__dict__
-_mde_code, _mde_globals = _mde_take()
-del _mde_take
-exec(_mde_code, _mde_globals)
 "#;
+
+/// The program's code and globals are held only by the `exec` call: at exit the
+/// interpreter then clears `__main__` while stdout still works, as after `python3 main.py`
+/// (a finalizer printing at exit is seen).
+const PYTHON_WARM: &str = r#"exec(*_mde_take(int(sys.argv[1]), _mde_before))
+"#;
+
+/// The fork server's loop (see `sandbox/zygote/fork_server.rs` for the calls), then the
+/// program, then python's own shutdown steps in order (threads joined, atexit, the main
+/// module's names cleared as the interpreter clears them so finalizers run, stdout
+/// flushed) before `_exit`: the full interpreter teardown would touch, and so copy, every
+/// page the run shares with its zygote, which cost more than the rest of a `print(1)`.
+const PYTHON_ZYGOTE: &str = r#"def _mde_fork():
+    import os, ctypes, gc
+    z = ctypes.PyDLL('/.mde/zygote.so')
+    api = ctypes.pythonapi
+    if z.mde_zygote_init(int(sys.argv[1])) != 0:
+        os._exit(70)
+    gc.collect()
+    gc.freeze()
+    while True:
+        got = z.mde_zygote_next()
+        if got <= 0:
+            os._exit(0 if got == 0 else 71)
+        api.PyOS_BeforeFork()
+        pid = z.mde_zygote_clone()
+        if pid != 0:
+            api.PyOS_AfterFork_Parent()
+            continue
+        api.PyOS_AfterFork_Child()
+        err = z.mde_run_init()
+        if err != 0:
+            os.write(2, b'mde: run init failed: %d\n' % err)
+            os._exit(72)
+        pid = os.fork()
+        if pid:
+            z.mde_run_supervise(pid)
+            os._exit(73)
+        fd = z.mde_run_enter()
+        if fd < 0:
+            os._exit(74)
+        return fd
+def _mde_main(code, g):
+    import os, gc
+    try:
+        exec(code, g)
+        status = 0
+    except SystemExit as e:
+        code = e.code
+        if code is None:
+            status = 0
+        elif isinstance(code, int):
+            status = code & 0xff
+        else:
+            try:
+                print(code, file=sys.stderr)
+            except Exception:
+                pass
+            status = 1
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        status = 1
+    threading = sys.modules.get('threading')
+    if threading is not None:
+        threading._shutdown()
+    atexit = sys.modules.get('atexit')
+    if atexit is not None:
+        atexit._run_exitfuncs()
+    for first in (True, False):
+        for name in list(g):
+            if name != '__builtins__' and (not first or (name[:1] == '_' and name[1:2] != '_')):
+                g[name] = None
+    gc.collect()
+    try:
+        sys.stdout.flush()
+    except Exception:
+        status = status or 120
+    try:
+        sys.stderr.flush()
+    except Exception:
+        pass
+    os._exit(status)
+_mde_code, _mde_globals = _mde_take(_mde_fork(), _mde_before)
+del _mde_take, _mde_before, _mde_fork
+_mde_main(_mde_code, _mde_globals)
+"#;
+
+/// Whether idle sandboxes may keep `runtime` started (see `warm.rs`).
+pub(super) fn warmable(runtime: &Runtime) -> bool {
+    runtime.warm.is_some()
+        && runtime.compile.is_none()
+        && runtime.backend == BackendKind::Bwrap
+        && runtime.availability.available
+}
 
 #[cfg(test)]
 mod tests {
@@ -125,10 +240,13 @@ mod tests {
     #[test]
     fn file_is_replaced_by_the_bootstrap() {
         let run = ["python3", "-B", "{file}"].map(String::from);
-        let argv = warm_command(WarmKind::Python, &run, 13);
+        let argv = warm_command(WarmKind::Python, Bootstrap::Warm, &run, 13);
         assert_eq!(argv[..3], ["python3", "-B", "-c"]);
         assert!(argv[3].contains("_mde_take"));
+        assert!(!argv[3].contains("zygote"));
         assert_eq!(argv[4], "13");
+        let argv = warm_command(WarmKind::Python, Bootstrap::Zygote, &run, 13);
+        assert!(argv[3].contains("mde_zygote_next"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use super::child::PASS_FD_BASE;
 use super::stage_exec::{HELPER_PATH, STAGE_EXEC_ARG};
+use super::zygote::LIBRARY_PATH as ZYGOTE_LIBRARY_PATH;
 use super::{SandboxBackend, SandboxCommand, SandboxError, StagePlan};
 use crate::config::BackendKind;
 
@@ -123,7 +124,7 @@ impl BwrapBackend {
         // The helper is the sandbox's pid 1: no bubblewrap init the stage could reach (a
         // dumpable pid 1 under the same uid let a run write code into /proc/1/mem and fork
         // past its process limit). The helper is never dumpable and reaps orphans itself.
-        let mut command = self.build_with(&plan, true)?;
+        let mut command = self.build_with(&plan, Role::Helper)?;
         let (control_read, control) = pipe()?;
         let (status, status_write) = pipe()?;
         set_nonblocking(&status)?;
@@ -144,6 +145,59 @@ impl BwrapBackend {
             warm,
         })
     }
+}
+
+impl BwrapBackend {
+    /// A fork server's sandbox (see `zygote/mod.rs`): the runtime's interpreter running
+    /// `argv` with the fork-server library bound at `LIBRARY_PATH`, keeping CAP_SYS_ADMIN
+    /// and CAP_NET_ADMIN in its user namespace and no seccomp filter (each run installs
+    /// them after making its own namespaces). `argv` names the control socket as
+    /// `ZYGOTE_CONTROL_FD`, where the runner places `command.pass_fds[0]`.
+    pub(crate) fn build_zygote(
+        &self,
+        slot_dir: &Path,
+        path: &str,
+        runtime: (&[PathBuf], &[(String, String)]),
+        library: &Path,
+        argv: Vec<String>,
+    ) -> Result<(SandboxCommand, OwnedFd), SandboxError> {
+        let binds_at = [(library.to_path_buf(), PathBuf::from(ZYGOTE_LIBRARY_PATH))];
+        let plan = StagePlan {
+            argv,
+            env: runtime.1,
+            ro_binds: runtime.0,
+            ro_binds_at: &binds_at,
+            slot_dir,
+            path,
+        };
+        let mut command = self.build_with(&plan, Role::Zygote)?;
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| SandboxError::Io {
+            what: "socketpair",
+            source: e.into(),
+        })?;
+        command.pass_fds.insert(0, theirs);
+        Ok((command, ours))
+    }
+}
+
+/// Where a zygote's runner places its control socket (`pass_fds[0]`).
+pub(crate) const ZYGOTE_CONTROL_FD: i32 = PASS_FD_BASE;
+
+/// What a bubblewrap sandbox runs, which decides its privileges inside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A stage: no capabilities, the seccomp filters, bubblewrap's init as pid 1.
+    Stage,
+    /// The stage-exec helper as pid 1, and the stage under it, as for `Stage`.
+    Helper,
+    /// A fork server: see `build_zygote`.
+    Zygote,
 }
 
 /// A prepared sandbox's command and the daemon's ends of its two pipes.
@@ -185,7 +239,7 @@ impl SandboxBackend for BwrapBackend {
     }
 
     fn build(&self, plan: &StagePlan<'_>) -> Result<SandboxCommand, SandboxError> {
-        self.build_with(plan, false)
+        self.build_with(plan, Role::Stage)
     }
 }
 
@@ -202,25 +256,32 @@ const MASKED_PROC_FILES: &[&str] = &[
 const MASKED_PROC_DIRS: &[&str] = &["/proc/pressure", "/proc/acpi", "/proc/scsi", "/proc/asound"];
 
 impl BwrapBackend {
-    /// The bubblewrap command; with `command_is_pid_1` the command becomes the sandbox's
-    /// pid 1 (`--as-pid-1`: only for the stage-exec helper, which reaps like an init).
-    fn build_with(
-        &self,
-        plan: &StagePlan<'_>,
-        command_is_pid_1: bool,
-    ) -> Result<SandboxCommand, SandboxError> {
+    /// The bubblewrap command for `role`: for the helper, the command becomes the
+    /// sandbox's pid 1 (`--as-pid-1`; the helper reaps like an init).
+    fn build_with(&self, plan: &StagePlan<'_>, role: Role) -> Result<SandboxCommand, SandboxError> {
+        let command_is_pid_1 = role == Role::Helper;
+        let caps: &[&str] = match role {
+            Role::Stage | Role::Helper => &["--cap-drop", "ALL"],
+            // Held only in the sandbox's own user namespace, and dropped by every run.
+            Role::Zygote => &[
+                "--cap-drop",
+                "ALL",
+                "--cap-add",
+                "CAP_SYS_ADMIN",
+                "--cap-add",
+                "CAP_NET_ADMIN",
+            ],
+        };
         let mut args: Vec<OsString> = [
             "--unshare-all",
             "--unshare-user",
             "--disable-userns",
             "--die-with-parent",
             "--new-session",
-            "--cap-drop",
-            "ALL",
-            "--hostname",
-            "sandbox",
         ]
         .into_iter()
+        .chain(caps.iter().copied())
+        .chain(["--hostname", "sandbox"])
         .map(OsString::from)
         .collect();
         if command_is_pid_1 {
@@ -231,13 +292,19 @@ impl BwrapBackend {
         let tmp_dir = plan.slot_dir.join("tmp");
         let shm_dir = plan.slot_dir.join("shm");
         push(&mut args, ["--proc".as_ref(), "/proc".as_ref()]);
-        for file in MASKED_PROC_FILES.iter().filter(|f| Path::new(f).exists()) {
+        // A zygote's runs mount a /proc of their own and mask it themselves: the kernel
+        // refuses a new proc mount where the existing one is partly covered.
+        let masked: (&[&str], &[&str]) = match role {
+            Role::Stage | Role::Helper => (MASKED_PROC_FILES, MASKED_PROC_DIRS),
+            Role::Zygote => (&[], &[]),
+        };
+        for file in masked.0.iter().filter(|f| Path::new(f).exists()) {
             push(
                 &mut args,
                 ["--ro-bind".as_ref(), "/dev/null".as_ref(), file.as_ref()],
             );
         }
-        for dir in MASKED_PROC_DIRS.iter().filter(|d| Path::new(d).is_dir()) {
+        for dir in masked.1.iter().filter(|d| Path::new(d).is_dir()) {
             push(
                 &mut args,
                 [
@@ -290,7 +357,11 @@ impl BwrapBackend {
         // and /dev/shm) stays the only place to write.
         push(&mut args, ["--remount-ro".as_ref(), "/dev".as_ref()]);
         let mut pass_fds = Vec::with_capacity(self.seccomp.len());
-        for (i, program) in self.seccomp.iter().enumerate() {
+        let filters = match role {
+            Role::Stage | Role::Helper => &self.seccomp[..],
+            Role::Zygote => &[],
+        };
+        for (i, program) in filters.iter().enumerate() {
             // The runner moves pass_fds[i] to PASS_FD_BASE + i in the child.
             args.push("--add-seccomp-fd".into());
             args.push((PASS_FD_BASE + i as i32).to_string().into());
@@ -299,7 +370,9 @@ impl BwrapBackend {
         args.push("--".into());
         args.extend(plan.argv.iter().map(OsString::from));
         Ok(SandboxCommand {
-            oom_protected: command_is_pid_1,
+            // The helper and a zygote live on past what they run, which must be the OOM
+            // killer's choice, never them.
+            oom_protected: command_is_pid_1 || role == Role::Zygote,
             program: self.bwrap.clone(),
             args,
             // bubblewrap itself gets an empty environment; the stage's comes from --setenv.

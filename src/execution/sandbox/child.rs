@@ -14,7 +14,7 @@ const SCRATCH_FD_MIN: c_int = 100;
 /// Where a forker keeps descriptors of its own that must survive `prepare_child`.
 pub(crate) const HIGH_FD_MIN: c_int = 200;
 
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Rlimit {
     pub(crate) resource: libc::__rlimit_resource_t,
     pub(crate) soft: u64,

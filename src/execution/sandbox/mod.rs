@@ -5,14 +5,16 @@
 mod bwrap;
 pub(crate) mod child;
 mod process;
-mod seccomp;
+pub(crate) mod seccomp;
 pub(crate) mod stage_exec;
+pub(crate) mod zygote;
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 pub use bwrap::BwrapBackend;
+pub(crate) use bwrap::ZYGOTE_CONTROL_FD;
 pub use process::ProcessBackend;
 
 use crate::config::BackendKind;

@@ -16,6 +16,7 @@ use crate::execution::pool::cgroup::MemoryCgroup;
 use crate::execution::pool::launcher::{Launcher, LauncherError, SpawnSpec, StageEnd};
 use crate::execution::sandbox::SandboxCommand;
 use crate::execution::sandbox::child::{MAX_PASS_FDS, pipe_pair, prepare_child};
+use crate::execution::sandbox::zygote::{STATUS_LEN, Status};
 
 /// How long a launcher may take to report a stage's end once its tree is dead or killed.
 const LAUNCHER_REPORT_GRACE: Duration = Duration::from_secs(10);
@@ -45,6 +46,17 @@ pub(super) enum ExitWatch {
         pid: libc::pid_t,
         result: Option<Result<StageEnd, LauncherError>>,
     },
+    /// Forked by a slot's zygote: the run's init reports on the status pipe once the run's
+    /// namespace is empty. Killing it means killing the zygote's whole sandbox (everything
+    /// in the slot's cgroup but the launcher): the slot then starts a new zygote.
+    Zygote {
+        status: pipe::Receiver,
+        received: Vec<u8>,
+        /// `Some` once the pipe was read to its end: the status, if the init sent one.
+        result: Option<Option<Exit>>,
+        killed: bool,
+        launcher_pid: Option<u32>,
+    },
 }
 
 impl Spawned {
@@ -62,7 +74,58 @@ impl Spawned {
                 }
                 result.is_some()
             }
+            ExitWatch::Zygote { result, .. } => result.is_some(),
         }
+    }
+
+    /// For a long-lived process whose output is no run's (a zygote): its stdin closed, and
+    /// what it writes logged as `what`, a line at a time, a few kilobytes at most.
+    pub(crate) fn log_output(&mut self, what: String) {
+        drop(self.stdin.take());
+        for pipe in [self.stdout.take(), self.stderr.take()]
+            .into_iter()
+            .flatten()
+        {
+            let what = what.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let mut lines = tokio::io::BufReader::new(pipe).lines();
+                let mut budget = 8192usize;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if budget > 0 {
+                        budget = budget.saturating_sub(line.len());
+                        tracing::warn!(process = %what, output = %line, "a zygote wrote");
+                    }
+                }
+            });
+        }
+    }
+
+    /// A zygote run's status pipe (where its init first says it has set the run up).
+    pub(crate) fn zygote_status(&mut self) -> Option<&mut pipe::Receiver> {
+        match &mut self.exit_watch {
+            ExitWatch::Zygote { status, .. } => Some(status),
+            _ => None,
+        }
+    }
+
+    /// A run forked by a zygote: its stdio pipes and the pipe its init reports on.
+    pub(crate) fn from_zygote(
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+        status: pipe::Receiver,
+        launcher_pid: Option<u32>,
+    ) -> std::io::Result<Spawned> {
+        let watch = ExitWatch::Zygote {
+            status,
+            received: Vec::new(),
+            result: None,
+            killed: false,
+            launcher_pid,
+        };
+        // No pid of ours: the run lives in namespaces below the zygote's.
+        Spawned::with_pipes(0, watch, Some(stdin), Some(stdout), Some(stderr))
     }
 
     /// Kill it and wait for it to be gone (for a prepared sandbox that is not used).
@@ -90,6 +153,28 @@ impl ExitWatch {
                     *result = Some(launcher.exited(*pid).await);
                 }
             }
+            ExitWatch::Zygote {
+                status,
+                received,
+                result,
+                ..
+            } => {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; STATUS_LEN];
+                while result.is_none() {
+                    // Cancel-safe: bytes are kept only once a read has completed.
+                    match status.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            *result = Some(Status::decode(received).map(|s| Exit {
+                                status: s.wait_status,
+                                cpu: Duration::from_micros(s.cpu_us),
+                                maxrss_kb: s.maxrss_kb,
+                            }));
+                        }
+                        Ok(n) => received.extend_from_slice(&buf[..n]),
+                    }
+                }
+            }
         }
     }
 
@@ -108,6 +193,16 @@ impl ExitWatch {
                 launcher.kill().await;
                 if let Some(cg) = cgroup {
                     cg.kill_all(launcher.pid());
+                }
+            }
+            ExitWatch::Zygote {
+                killed,
+                launcher_pid,
+                ..
+            } => {
+                *killed = true;
+                if let Some(cg) = cgroup {
+                    cg.kill_all(*launcher_pid);
                 }
             }
         }
@@ -132,6 +227,17 @@ impl ExitWatch {
                 if let Some(cg) = cgroup {
                     cg.kill_all(None);
                 }
+                return None;
+            }
+        }
+        if let ExitWatch::Zygote { .. } = &self {
+            // The status pipe ends with the init (or with the zygote's sandbox, killed).
+            if tokio::time::timeout(LAUNCHER_REPORT_GRACE, self.exited())
+                .await
+                .is_err()
+            {
+                tracing::error!("a zygote's run did not report its end; killing the zygote");
+                self.kill(pid, cgroup).await;
                 return None;
             }
         }
@@ -161,6 +267,16 @@ impl ExitWatch {
                     _ => None,
                 }
             }
+            ExitWatch::Zygote { result, killed, .. } => match result.flatten() {
+                Some(exit) => Some(exit),
+                // Killed by us before its init could report: it died of that SIGKILL.
+                None if killed => Some(Exit {
+                    status: libc::SIGKILL,
+                    cpu: Duration::ZERO,
+                    maxrss_kb: 0,
+                }),
+                None => None,
+            },
         }
     }
 }

@@ -1,0 +1,589 @@
+//! The fork server's side: C functions an interpreter calls (python through `ctypes`),
+//! exported from `libmixed_docker_executor.so`. See `zygote/mod.rs` for the whole design.
+//!
+//! The interpreter's loop, for every runtime:
+//! ```text
+//! mde_zygote_init(control_fd)          once: not dumpable, children reaped, filters built
+//! loop:
+//!     mde_zygote_next()                wait for a run's descriptors (0: the daemon left)
+//!     <before-fork hooks>
+//!     pid = mde_zygote_clone()         the run's init, pid 1 of a new pid namespace
+//!     <after-fork hooks>
+//!     if pid > 0: continue             the zygote goes back to waiting
+//!     mde_run_init()                   (init) namespaces, mounts, the request, the files
+//!     pid = <the language's fork>()    the run, pid 2
+//!     if pid > 0: mde_run_supervise(pid)   (init) never returns
+//!     fd = mde_run_enter()             (run) no privileges left; fd holds the argv
+//! ```
+//! Every function returns a negative errno on failure; the bootstrap then exits, and the
+//! daemon sees a run without a status (and replaces the zygote).
+//!
+//! The process is single-threaded throughout, so the state lives in one `Mutex` that is
+//! never contended, and a forked child may take it.
+
+use std::ffi::{CStr, c_int};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+
+use super::protocol::{RunRequest, STARTED, Status};
+use crate::execution::sandbox::child::{STAGE_OOM_SCORE_C, apply_rlimits, set_oom_score_adj};
+
+/// The descriptors of one run, in the order the daemon sends them.
+pub(crate) const RUN_FDS: usize = 5;
+const REQUEST: usize = 0;
+const STATUS: usize = 1;
+const STDIN: usize = 2;
+const STDOUT: usize = 3;
+const STDERR: usize = 4;
+
+/// Where the run finds its argv (the bootstrap reads and closes it).
+const ARGV_FD: RawFd = 3;
+
+/// Host files under /proc masked in every run, as bubblewrap's cold sandboxes mask them
+/// (see `bwrap.rs`), and the directories masked with an empty read-only tmpfs.
+const MASKED_PROC_FILES: &[&CStr] = &[
+    c"/proc/cmdline",
+    c"/proc/timer_list",
+    c"/proc/sched_debug",
+    c"/proc/latency_stats",
+];
+const MASKED_PROC_DIRS: &[&CStr] = &[
+    c"/proc/pressure",
+    c"/proc/acpi",
+    c"/proc/scsi",
+    c"/proc/asound",
+];
+/// What bubblewrap's `--proc` makes read-only in its own /proc.
+const READ_ONLY_PROC: &[&CStr] = &[
+    c"/proc/sys",
+    c"/proc/sysrq-trigger",
+    c"/proc/irq",
+    c"/proc/bus",
+];
+
+#[derive(Default)]
+struct State {
+    control: Option<RawFd>,
+    filters: Vec<Vec<u8>>,
+    run_fds: Vec<OwnedFd>,
+    request: Option<RunRequest>,
+    argv: Option<OwnedFd>,
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
+    let mut guard = STATE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    f(guard.get_or_insert_with(State::default))
+}
+
+fn errno() -> c_int {
+    -std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+fn neg(e: &std::io::Error) -> c_int {
+    -e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn check(ret: c_int) -> Result<(), c_int> {
+    if ret < 0 { Err(errno()) } else { Ok(()) }
+}
+
+/// Once, in the zygote: keep it out of reach of everything that later runs under its uid,
+/// have the kernel reap the run inits it clones, and build the seccomp filters every run
+/// installs.
+#[unsafe(no_mangle)]
+pub(crate) extern "C" fn mde_zygote_init(control_fd: c_int) -> c_int {
+    // SAFETY: prctl and signal with constant arguments.
+    unsafe {
+        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
+            return errno();
+        }
+        if libc::signal(libc::SIGCHLD, libc::SIG_IGN) == libc::SIG_ERR {
+            return errno();
+        }
+    }
+    let filters = match crate::execution::sandbox::seccomp::build_filters() {
+        Ok(f) => f,
+        Err(_) => return -libc::EINVAL,
+    };
+    with_state(|s| {
+        s.control = Some(control_fd);
+        s.filters = filters;
+    });
+    0
+}
+
+/// Wait for the next run's descriptors. 1 when they arrived, 0 when the daemon closed the
+/// socket (the zygote should exit), a negative errno otherwise.
+#[unsafe(no_mangle)]
+pub(crate) extern "C" fn mde_zygote_next() -> c_int {
+    let Some(control) = with_state(|s| s.control) else {
+        return -libc::EBADF;
+    };
+    loop {
+        match receive_fds(control) {
+            Ok(None) => return 0,
+            Ok(Some(fds)) if fds.len() == RUN_FDS => {
+                with_state(|s| s.run_fds = fds);
+                return 1;
+            }
+            // Not a run's message: drop what came with it and wait for the next.
+            Ok(Some(_)) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return neg(&e),
+        }
+    }
+}
+
+fn receive_fds(control: RawFd) -> std::io::Result<Option<Vec<OwnedFd>>> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; RUN_FDS]);
+    let msg = recvmsg::<()>(
+        control,
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: the kernel just installed these descriptors for us.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if msg.bytes == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(fds))
+}
+
+/// Clone the run's init into a new pid namespace. The zygote gets its pid and closes the
+/// run's descriptors (only the init holds them); the init gets 0.
+///
+/// A raw `clone`, not `unshare(CLONE_NEWPID)` and `fork`: that would fix the zygote's
+/// children's namespace for good (a second unshare fails, and going back needs privileges
+/// the zygote lacks in the namespace's owner). The caller runs its interpreter's
+/// before/after-fork hooks around this call, as its own `fork` would.
+#[unsafe(no_mangle)]
+pub(crate) extern "C" fn mde_zygote_clone() -> c_int {
+    let flags = libc::CLONE_NEWPID as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
+    // SAFETY: clone without CLONE_VM or a new stack behaves as fork: the child continues
+    // here on a copy of this (single-threaded) process.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    if pid < 0 {
+        let e = errno();
+        with_state(|s| s.run_fds.clear());
+        return e;
+    }
+    if pid > 0 {
+        with_state(|s| s.run_fds.clear());
+    }
+    pid as c_int
+}
+
+/// In the run's init (pid 1): new mount, network, ipc and uts namespaces; a fresh /proc;
+/// one fresh tmpfs of the run's size behind `/box`, `/tmp` and `/dev/shm`; the request read
+/// and its files written; loopback up.
+#[unsafe(no_mangle)]
+pub(crate) extern "C" fn mde_run_init() -> c_int {
+    match run_init() {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+fn run_init() -> Result<(), c_int> {
+    // SAFETY: plain system calls with constant or owned arguments.
+    unsafe {
+        // The run's init waits for the run itself.
+        if libc::signal(libc::SIGCHLD, libc::SIG_DFL) == libc::SIG_ERR {
+            return Err(errno());
+        }
+        check(libc::unshare(
+            libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
+        ))?;
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+    }
+    let request_fd = with_state(|s| s.run_fds.get(REQUEST).map(AsRawFd::as_raw_fd));
+    let request_fd = request_fd.ok_or(-libc::EBADF)?;
+    let mut bytes = Vec::new();
+    // SAFETY: borrowed for the read only; the descriptor stays owned by the state.
+    let mut file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(request_fd) });
+    file.read_to_end(&mut bytes).map_err(|e| neg(&e))?;
+    let request = RunRequest::decode(&bytes).ok_or(-libc::EINVAL)?;
+    mount_proc()?;
+    mount_work_dirs(request.workdir_bytes)?;
+    write_files(&request.files)?;
+    loopback_up()?;
+    let argv = argv_memfd(&request.argv)?;
+    // SAFETY: a static path.
+    check(unsafe { libc::chdir(c"/box".as_ptr()) })?;
+    // Tells the daemon the run is under way (a zygote that stopped forking is replaced,
+    // and its run started elsewhere, when this does not come).
+    let status_fd = with_state(|s| s.run_fds.get(STATUS).map(AsRawFd::as_raw_fd));
+    let status_fd = status_fd.ok_or(-libc::EBADF)?;
+    // SAFETY: one byte from a static buffer to a descriptor we hold.
+    if unsafe { libc::write(status_fd, STARTED.as_ptr().cast(), 1) } != 1 {
+        return Err(errno());
+    }
+    with_state(|s| {
+        s.request = Some(request);
+        s.argv = Some(argv);
+    });
+    Ok(())
+}
+
+fn mount(
+    source: &CStr,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> Result<(), c_int> {
+    // SAFETY: valid C strings or null pointers.
+    check(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.map_or(std::ptr::null(), CStr::as_ptr),
+            flags,
+            data.map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+        )
+    })
+}
+
+fn exists(path: &CStr) -> bool {
+    // SAFETY: a valid C string.
+    unsafe { libc::access(path.as_ptr(), libc::F_OK) == 0 }
+}
+
+/// A /proc of the run's own pid namespace, masked as bubblewrap masks a cold sandbox's.
+fn mount_proc() -> Result<(), c_int> {
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount(c"proc", c"/proc", Some(c"proc"), nosuid, None)?;
+    for &dir in READ_ONLY_PROC.iter().filter(|d| exists(d)) {
+        mount(dir, dir, None, libc::MS_BIND | libc::MS_REC, None)?;
+        mount(
+            dir,
+            dir,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | nosuid,
+            None,
+        )?;
+    }
+    for &file in MASKED_PROC_FILES.iter().filter(|f| exists(f)) {
+        // Read-only and nodev, as bubblewrap's `--ro-bind`: opening it is refused.
+        mount(c"/dev/null", file, None, libc::MS_BIND, None)?;
+        mount(
+            file,
+            file,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | nosuid,
+            None,
+        )?;
+    }
+    for &dir in MASKED_PROC_DIRS.iter().filter(|d| exists(d)) {
+        mount(
+            c"tmpfs",
+            dir,
+            Some(c"tmpfs"),
+            libc::MS_RDONLY | nosuid,
+            Some(c"mode=0555,size=0"),
+        )?;
+    }
+    Ok(())
+}
+
+/// One tmpfs of `size` bytes, first mounted at /tmp, holding `box`, `tmp` and `shm`;
+/// each is then bound where a cold sandbox has it (its own /tmp last, covering the
+/// staging mount), so the three share one size limit as the slot's tmpfs does.
+fn mount_work_dirs(size: u64) -> Result<(), c_int> {
+    let options =
+        std::ffi::CString::new(format!("size={size},mode=0700")).map_err(|_| -libc::EINVAL)?;
+    let flags = libc::MS_NOSUID | libc::MS_NODEV;
+    mount(c"tmpfs", c"/tmp", Some(c"tmpfs"), flags, Some(&options))?;
+    for (dir, mode) in [
+        (c"/tmp/box", 0o700),
+        (c"/tmp/tmp", 0o700),
+        (c"/tmp/shm", 0o700),
+    ] {
+        // SAFETY: a valid C string.
+        check(unsafe { libc::mkdir(dir.as_ptr(), mode) })?;
+    }
+    mount(c"/tmp/box", c"/box", None, libc::MS_BIND, None)?;
+    mount(c"/tmp/shm", c"/dev/shm", None, libc::MS_BIND, None)?;
+    mount(c"/tmp/tmp", c"/tmp", None, libc::MS_BIND, None)?;
+    Ok(())
+}
+
+/// Write the submission's files under /box, as `workdir.rs` writes a cold run's: parents
+/// 0755, files 0644, never through an existing path.
+fn write_files(files: &[(Vec<u8>, Vec<u8>)]) -> Result<(), c_int> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let root = std::path::Path::new("/box");
+    for (name, content) in files {
+        let name = std::str::from_utf8(name).map_err(|_| -libc::EINVAL)?;
+        crate::file_names::validate(name).map_err(|_| -libc::EINVAL)?;
+        let parts: Vec<&str> = name.split('/').collect();
+        let mut dir = root.to_path_buf();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            dir.push(part);
+            if !dir.is_dir() {
+                std::fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(&dir)
+                    .map_err(|e| neg(&e))?;
+            }
+        }
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(root.join(name))
+            .map_err(|e| neg(&e))?;
+        out.write_all(content).map_err(|e| neg(&e))?;
+    }
+    Ok(())
+}
+
+/// Bring up `lo` in the run's fresh network namespace, as bubblewrap does.
+fn loopback_up() -> Result<(), c_int> {
+    // SAFETY: a socket we close below, and an ifreq we own.
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        check(sock)?;
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as i16;
+        let r = libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
+        libc::close(sock);
+        check(r)
+    }
+}
+
+/// The argv in the warm bootstrap's format (`0`, no rlimits: they are applied here), in
+/// a memfd the run reads.
+fn argv_memfd(argv: &[Vec<u8>]) -> Result<OwnedFd, c_int> {
+    let mut fields: Vec<&[u8]> = vec![b"0"];
+    fields.extend(argv.iter().map(Vec::as_slice));
+    let bytes = fields.join(&b'\0');
+    // SAFETY: a valid C string; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"mde-argv".as_ptr(), libc::MFD_CLOEXEC) };
+    check(fd)?;
+    // SAFETY: a fresh descriptor nothing else owns.
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.write_all(&bytes).map_err(|e| neg(&e))?;
+    std::io::Seek::rewind(&mut file).map_err(|e| neg(&e))?;
+    Ok(OwnedFd::from(file))
+}
+
+/// In the run's init, once the run is forked: hold nothing but the status pipe, wait for
+/// the run, then kill and reap everything else in the namespace, and report. Never
+/// returns.
+#[unsafe(no_mangle)]
+pub(crate) extern "C" fn mde_run_supervise(run: c_int) -> c_int {
+    let status_fd = with_state(|s| s.run_fds.get(STATUS).map(AsRawFd::as_raw_fd));
+    let Some(status_fd) = status_fd else {
+        // SAFETY: ending this process.
+        unsafe { libc::_exit(70) }
+    };
+    // SAFETY: plain system calls on our own descriptors; this process only waits from here.
+    unsafe {
+        // No handler of the interpreter's: as pid 1 it then drops every signal the run
+        // sends it, as the stage-exec helper does.
+        crate::execution::sandbox::child::reset_signals();
+        let kept = libc::fcntl(status_fd, libc::F_DUPFD_CLOEXEC, 0);
+        if kept < 0 {
+            libc::_exit(70);
+        }
+        // Nothing of the run's stdio or request stays open here, so its pipes reach EOF
+        // with the run's own processes.
+        for fd in 0..kept {
+            libc::close(fd);
+        }
+        libc::syscall(libc::SYS_close_range, kept as u32 + 1, u32::MAX, 0u32);
+        let mut status: c_int = 0;
+        let mut usage: libc::rusage = std::mem::zeroed();
+        loop {
+            let r = libc::wait4(-1, &mut status, libc::__WALL, &mut usage);
+            if r == run {
+                break;
+            }
+            if r < 0 && *libc::__errno_location() != libc::EINTR {
+                libc::_exit(71);
+            }
+        }
+        // As a cold sandbox ends with its stage: nothing the run left behind outlives it,
+        // and the status is only sent once the namespace is empty but for us.
+        libc::kill(-1, libc::SIGKILL);
+        let mut ignored: c_int = 0;
+        while libc::waitpid(-1, &mut ignored, libc::__WALL) > 0
+            || *libc::__errno_location() == libc::EINTR
+        {}
+        let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        let report = Status {
+            wait_status: status,
+            cpu_us: micros(usage.ru_utime) + micros(usage.ru_stime),
+            maxrss_kb: usage.ru_maxrss as u64,
+        }
+        .encode();
+        libc::write(kept, report.as_ptr().cast(), report.len());
+        libc::_exit(0)
+    }
+}
+
+/// In the run (pid 2), last before the program: its stdio, its limits, no capabilities,
+/// no new privileges, the seccomp filters, and no descriptor but stdio and the argv's.
+/// Returns the argv's descriptor.
+#[unsafe(no_mangle)]
+pub(crate) extern "C" fn mde_run_enter() -> c_int {
+    match run_enter() {
+        Ok(fd) => fd,
+        Err(e) => e,
+    }
+}
+
+fn run_enter() -> Result<c_int, c_int> {
+    let (fds, argv, rlimits, filters) = with_state(|s| {
+        let fds: Vec<RawFd> = s.run_fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let argv = s.argv.as_ref().map(AsRawFd::as_raw_fd);
+        let rlimits = s.request.as_ref().map(|r| r.rlimits.clone());
+        (fds, argv, rlimits, std::mem::take(&mut s.filters))
+    });
+    let (Some(argv), Some(rlimits)) = (argv, rlimits) else {
+        return Err(-libc::EBADF);
+    };
+    if fds.len() != RUN_FDS {
+        return Err(-libc::EBADF);
+    }
+    // SAFETY: plain system calls on descriptors we hold.
+    unsafe {
+        // Above every target first, so no dup2 clobbers a descriptor still to be moved.
+        let high = |fd: RawFd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
+        let moved = [
+            high(fds[STDIN]),
+            high(fds[STDOUT]),
+            high(fds[STDERR]),
+            high(argv),
+        ];
+        if moved.iter().any(|&fd| fd < 0) {
+            return Err(errno());
+        }
+        for (target, &fd) in moved.iter().enumerate() {
+            check(libc::dup2(fd, target as c_int))?;
+        }
+        libc::syscall(libc::SYS_close_range, ARGV_FD as u32 + 1, u32::MAX, 0u32);
+        // The argv's descriptor is the bootstrap's to close; nothing crosses an exec.
+        libc::fcntl(ARGV_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    with_state(|s| {
+        // Their numbers were closed above; forget them without closing again.
+        for fd in s.run_fds.drain(..).chain(s.argv.take()) {
+            std::mem::forget(fd);
+        }
+        s.control = None;
+    });
+    // As a cold run: its own /proc files (a zygote's child inherits "not dumpable"), and
+    // the OOM killer's first choice in the slot.
+    // SAFETY: prctl without pointers.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) })?;
+    set_oom_score_adj(STAGE_OOM_SCORE_C).map_err(|e| neg(&e))?;
+    apply_rlimits(&rlimits).map_err(|e| neg(&e))?;
+    drop_capabilities()?;
+    // SAFETY: prctl without pointers.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    for filter in &filters {
+        install_filter(filter)?;
+    }
+    Ok(ARGV_FD)
+}
+
+/// Empty every capability set: bounding (while CAP_SETPCAP may still allow it), ambient,
+/// then effective, permitted and inheritable.
+fn drop_capabilities() -> Result<(), c_int> {
+    // SAFETY: prctl and capset with valid arguments.
+    unsafe {
+        for cap in 0..64 {
+            // EINVAL past the last capability this kernel knows; EPERM without CAP_SETPCAP
+            // (no_new_privs and empty sets make the bounding set moot then).
+            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+        }
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: c_int,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        check(libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) as c_int)
+    }
+}
+
+/// Install one seccomp program (raw `struct sock_filter`s, as bubblewrap reads them).
+fn install_filter(bytes: &[u8]) -> Result<(), c_int> {
+    let filters: Vec<libc::sock_filter> = bytes
+        .chunks_exact(std::mem::size_of::<libc::sock_filter>())
+        .map(|c| libc::sock_filter {
+            code: u16::from_ne_bytes([c[0], c[1]]),
+            jt: c[2],
+            jf: c[3],
+            k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+        })
+        .collect();
+    let program = libc::sock_fprog {
+        len: u16::try_from(filters.len()).map_err(|_| -libc::E2BIG)?,
+        filter: filters.as_ptr().cast_mut(),
+    };
+    // SAFETY: `program` points at `filters`, alive for the call.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &program as *const libc::sock_fprog,
+        )
+    })
+}
