@@ -274,6 +274,18 @@ impl Executor {
         if prepared.suits(runtime) {
             return Some(prepared);
         }
+        // A zygote of this runtime that cannot serve is being replaced; one of another
+        // runtime just gives way.
+        if let Waiting::Zygote(zygote) = &prepared.waiting {
+            let reason = match zygote.worn_out() {
+                Some(reason) => Some(reason),
+                None if prepared.spawned.has_exited() => Some("died"),
+                None => None,
+            };
+            if let Some(reason) = reason.filter(|_| Arc::ptr_eq(&zygote.runtime, runtime)) {
+                self.observer.zygote_restarted(&runtime.name, reason);
+            }
+        }
         if let Ok(mut seen) = self.prepared_binds.lock() {
             for bind in &runtime.ro_binds {
                 if !seen.contains(bind) {

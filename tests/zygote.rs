@@ -1,0 +1,306 @@
+//! Fork-server sandboxes (zygotes): what a run can find of the runs before it, what it can
+//! do to its zygote, and how zygotes are replaced. The warm/zygote/cold equivalence suite
+//! is in `v1_api.rs`; every attack test of `sandbox_attacks.rs` and `hardening_attacks.rs`
+//! runs python3, and so runs on the zygote path too.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestApp, app_with, bounded, test_settings};
+use serde_json::{Value, json};
+
+/// One slot, so every run lands on the same zygote; a uid range of its own, so the
+/// zygote's processes can be told from other tests'.
+fn one_slot(uid_base: u32) -> mixed_docker_executor::config::Settings {
+    let mut s = test_settings();
+    s.execution.max_concurrent = 1;
+    s.sandbox.uid_base = uid_base;
+    s
+}
+
+async fn run(t: &TestApp, code: &str) -> Value {
+    let r = t
+        .execute(json!({"runtime": "python3", "code": code, "limits": {"wall_time_ms": 20000}}))
+        .await;
+    r["run"].clone()
+}
+
+/// The value of one series in `/metrics` (0 when absent).
+async fn metric(t: &TestApp, series: &str) -> u64 {
+    let text = t.get("/metrics").await.1;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn zygote_starts(t: &TestApp) -> u64 {
+    metric(
+        t,
+        "mde_run_starts_total{how=\"zygote\",runtime=\"python3\"}",
+    )
+    .await
+}
+
+async fn restarts(t: &TestApp, reason: &str) -> u64 {
+    let series = format!("mde_zygote_restarts_total{{reason=\"{reason}\",runtime=\"python3\"}}");
+    metric(t, &series).await
+}
+
+/// Searches the run's own memory, files, sockets and processes for `h1` followed by `h2`
+/// without ever holding the two together (so it cannot find itself).
+const SEARCH: &str = r#"
+import os
+found = []
+for line in open('/proc/self/maps'):
+    parts = line.split()
+    if 'r' not in parts[1] or (len(parts) > 5 and parts[5].startswith('[v')):
+        continue
+    start, end = (int(x, 16) for x in parts[0].split('-'))
+    with open('/proc/self/mem', 'rb', 0) as mem:
+        at = start
+        while at < end:
+            try:
+                mem.seek(at)
+                data = mem.read(min(1 << 20, end - at) + 64)
+            except OSError:
+                break
+            i = data.find(h1)
+            while i >= 0:
+                if data[i + len(h1):i + len(h1) + len(h2)] == h2:
+                    found.append(hex(at + i))
+                i = data.find(h1, i + 1)
+            at += 1 << 20
+print('memory', len(found))
+name = h1.decode()
+print('files', [n for d in ('/tmp', '/dev/shm', '/box') for n in os.listdir(d) if name in n])
+print('sockets', [l.split()[-1] for l in open('/proc/net/unix') if name in l])
+print('procs', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
+"#;
+
+#[tokio::test]
+async fn nothing_of_a_run_is_found_by_the_next_one_from_the_same_zygote() {
+    bounded(120, async {
+        let t = app_with(one_slot(54_000)).await;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let (h1, h2) = (
+            format!("MDEMARK{nanos}"),
+            format!("Z{}", std::process::id()),
+        );
+        let token = format!("{h1}{h2}");
+        // The marker in the source, in a string built at run time, in files under /tmp,
+        // /dev/shm and /box, in an abstract socket, and in a process left running.
+        let plant = format!(
+            "import os, socket, time\n\
+             T = '{token}'\n\
+             kept = ''.join(reversed(T[::-1])) * 3\n\
+             for d in ('/tmp', '/dev/shm', '/box'):\n    open(f'{{d}}/{{T}}', 'w').write(T)\n\
+             s = socket.socket(socket.AF_UNIX)\ns.bind('\\0' + T)\ns.listen()\n\
+             if os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n\
+             print('planted', len(kept))"
+        );
+        let before = zygote_starts(&t).await;
+        let planted = run(&t, &plant).await;
+        assert_eq!(planted["stdout"], format!("planted {}\n", token.len() * 3));
+        let search = format!("h1 = b'{h1}'\nh2 = b'{h2}'\n{SEARCH}");
+        let next = run(&t, &search).await;
+        assert_eq!(zygote_starts(&t).await, before + 2, "both from the zygote");
+        assert_eq!(
+            next["stdout"], "memory 0\nfiles []\nsockets []\nprocs [1, 2]\n",
+            "{next}"
+        );
+        // The search does find the marker where it is: in a run that holds it.
+        let control = format!("h1 = b'{h1}'\nh2 = b'{h2}'\nheld = h1 + h2\n{SEARCH}");
+        let control = run(&t, &control).await;
+        let stdout = control["stdout"].as_str().unwrap_or_default();
+        assert!(
+            stdout.starts_with("memory ") && !stdout.starts_with("memory 0\n"),
+            "{control}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_run_cannot_reach_its_zygote_and_killing_all_it_sees_ends_only_itself() {
+    bounded(90, async {
+        let t = app_with(one_slot(54_100)).await;
+        let code = "import ctypes, os, signal\n\
+                    libc = ctypes.CDLL(None, use_errno=True)\n\
+                    print('ptrace', libc.ptrace(16, 1, 0, 0), ctypes.get_errno())\n\
+                    print('unshare', libc.unshare(0x10000000), libc.unshare(0x20000))\n\
+                    print('caps', [l.split()[1] for l in open('/proc/self/status') if l.startswith('Cap') and not l.startswith('CapBnd')])\n\
+                    print('procs', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n\
+                    if os.fork() == 0:\n    os.setsid()\n    os.execv('/usr/bin/sleep', ['sleep', '60'])\n\
+                    os.kill(-1, signal.SIGKILL)\n\
+                    print('still here', os.waitpid(-1, 0)[1], flush=True)";
+        let restarts_before: u64 = restarts(&t, "died").await;
+        let before = zygote_starts(&t).await;
+        let r = run(&t, code).await;
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(
+            r["stdout"],
+            "ptrace -1 1\nunshare -1 -1\ncaps ['0000000000000000', '0000000000000000', '0000000000000000', '0000000000000000']\nprocs [1, 2]\nstill here 9\n",
+            "{r}"
+        );
+        // The zygote was not touched: the next run is forked from the same one.
+        let again = run(&t, "print('next')").await;
+        assert_eq!(again["stdout"], "next\n");
+        assert_eq!(zygote_starts(&t).await, before + 2);
+        assert_eq!(restarts(&t, "died").await, restarts_before);
+        assert_eq!(restarts(&t, "run_killed").await, 0);
+    })
+    .await;
+}
+
+/// Pids of the python processes (the zygotes) running as `uid`.
+fn zygotes_of(uid: u32) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let uid_matches = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next())
+            .is_some_and(|u| u == uid.to_string());
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if uid_matches
+            && cmdline.starts_with("/usr/bin/python3")
+            && cmdline.contains("mde_zygote_next")
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+async fn wait_for_zygote(uid: u32) -> i32 {
+    for _ in 0..200 {
+        if let Some(&pid) = zygotes_of(uid).first() {
+            return pid;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no zygote runs as uid {uid}");
+}
+
+#[tokio::test]
+async fn a_dead_or_hung_zygote_is_replaced_without_failing_a_run() {
+    bounded(120, async {
+        let uid = 54_200;
+        let t = app_with(one_slot(uid)).await;
+        assert_eq!(run(&t, "print(1)").await["stdout"], "1\n");
+        // Dead: its run still answers, and the slot gets a new zygote.
+        let zygote = wait_for_zygote(uid).await;
+        // SAFETY: signalling a process of this test's own daemon.
+        unsafe { libc::kill(zygote, libc::SIGKILL) };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = run(&t, "print('after a death')").await;
+        assert_eq!(r["stdout"], "after a death\n", "{r}");
+        assert!(restarts(&t, "died").await >= 1);
+        let replaced = wait_for_zygote(uid).await;
+        assert_ne!(replaced, zygote);
+        assert_eq!(run(&t, "print(2)").await["stdout"], "2\n");
+        // Hung: stopped, it takes no run; the run starts elsewhere within seconds.
+        let hung = wait_for_zygote(uid).await;
+        // SAFETY: as above.
+        unsafe { libc::kill(hung, libc::SIGSTOP) };
+        let started = std::time::Instant::now();
+        let r = run(&t, "print('after a hang')").await;
+        assert_eq!(r["stdout"], "after a hang\n", "{r}");
+        assert!(started.elapsed() < Duration::from_secs(15));
+        // SAFETY: as above (it may be gone already).
+        unsafe { libc::kill(hung, libc::SIGKILL) };
+        let before = zygote_starts(&t).await;
+        assert_eq!(run(&t, "print(3)").await["stdout"], "3\n");
+        assert_eq!(
+            zygote_starts(&t).await,
+            before + 1,
+            "a new zygote serves again"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn zygotes_rotate_after_max_runs_and_after_a_killed_run() {
+    bounded(120, async {
+        let mut s = one_slot(54_300);
+        s.sandbox.zygote_max_runs = 3;
+        let t = app_with(s).await;
+        // python's hash secret is the zygote's: shared by its runs, new with each zygote.
+        let mut hashes = Vec::new();
+        for _ in 0..7 {
+            let r = run(&t, "print(hash('mixed-docker-executor'))").await;
+            hashes.push(r["stdout"].as_str().unwrap_or_default().to_owned());
+        }
+        assert!(
+            hashes[0] == hashes[1] && hashes[1] == hashes[2],
+            "{hashes:?}"
+        );
+        assert!(
+            hashes[3] == hashes[4] && hashes[4] == hashes[5],
+            "{hashes:?}"
+        );
+        assert!(
+            hashes[2] != hashes[3] && hashes[5] != hashes[6],
+            "{hashes:?}"
+        );
+        assert_eq!(restarts(&t, "max_runs").await, 2);
+        // A run stopped at a limit is stopped by killing its zygote's sandbox.
+        let r = t
+            .execute(json!({"code": "while True: pass", "limits": {"wall_time_ms": 300}}))
+            .await;
+        assert_eq!(r["run"]["status"], "timeout", "{r}");
+        assert_eq!(restarts(&t, "run_killed").await, 1);
+        let before = zygote_starts(&t).await;
+        assert_eq!(
+            run(&t, "print('forked again')").await["stdout"],
+            "forked again\n"
+        );
+        assert_eq!(zygote_starts(&t).await, before + 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn health_and_runtimes_say_which_runtimes_use_a_zygote() {
+    bounded(60, async {
+        for zygotes in [true, false] {
+            let mut s = test_settings();
+            s.sandbox.zygotes = zygotes;
+            let t = app_with(s).await;
+            let health: Value = serde_json::from_str(&t.get("/health").await.1).expect("json");
+            let runtimes: Value =
+                serde_json::from_str(&t.get("/api/v1/runtimes").await.1).expect("json");
+            let start = |name: &str| {
+                runtimes
+                    .as_array()
+                    .and_then(|a| a.iter().find(|r| r["name"] == name))
+                    .map(|r| r["start"].clone())
+            };
+            if zygotes {
+                assert_eq!(health["zygote_runtimes"], json!(["python3"]), "{health}");
+                assert_eq!(start("python3"), Some(json!("zygote")));
+            } else {
+                assert_eq!(health["zygote_runtimes"], json!([]), "{health}");
+                assert_eq!(start("python3"), Some(json!("warm")));
+                // Turned off by the operator: nothing to fix.
+                assert!(
+                    !health["warnings"].to_string().contains("zygote"),
+                    "{health}"
+                );
+            }
+            assert_eq!(start("node"), Some(json!("cold")));
+        }
+    })
+    .await;
+}
