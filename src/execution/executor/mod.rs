@@ -325,10 +325,10 @@ impl Executor {
                 this.with_slot_state(lease.index, |s| s.warm_for = next);
             }
             // A zygote that served the run stays, and its runs leave nothing to clean.
-            if this
+            let kept = this
                 .with_slot_state(lease.index, |s| std::mem::take(&mut s.zygote_kept))
-                .unwrap_or(false)
-            {
+                .unwrap_or(false);
+            if kept && this.zygote_run_left_nothing(lease.index).await {
                 drop(lease);
                 return;
             }

@@ -263,7 +263,7 @@ impl Executor {
         );
         let reason = if killed {
             Some("run_killed")
-        } else if prepared.spawned.has_exited() || !run_namespaces_gone(cgroup).await {
+        } else if prepared.spawned.has_exited() {
             Some("died")
         } else {
             match &prepared.waiting {
@@ -284,6 +284,24 @@ impl Executor {
             compile: None,
             run: Some(report),
         })
+    }
+
+    /// After a run the zygote kept, once the answer is out: whether the slot is ready for
+    /// its next run. A run's init empties its pid namespace before it reports, so nothing
+    /// of the run is left but for a zygote that misbehaves; that one is replaced, and the
+    /// slot settled and reset as after any other run (false).
+    pub(super) async fn zygote_run_left_nothing(&self, index: usize) -> bool {
+        let Some(cgroup) = self.slots.slots.get(index).and_then(|s| s.cgroup.as_ref()) else {
+            return false;
+        };
+        if run_namespaces_gone(cgroup).await {
+            return true;
+        }
+        let zygote = self.with_slot_state(index, |s| s.prepared.take()).flatten();
+        if let Some(zygote) = zygote {
+            self.retire_zygote(zygote, index, "died").await;
+        }
+        false
     }
 
     /// End a zygote (its slot is then settled and reset, and starts a new one).
