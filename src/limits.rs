@@ -241,6 +241,12 @@ impl Limits {
     }
 }
 
+/// Inodes of a work dir tmpfs of `bytes`: one per 4 KiB of space (at least 1024), since
+/// millions of empty files would otherwise cost kernel memory that no size limit sees.
+pub fn tmpfs_inodes(bytes: u64) -> u64 {
+    (bytes / 4096).max(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

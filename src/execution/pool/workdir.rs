@@ -277,11 +277,7 @@ fn remount_tmpfs(dir: &Path, bytes: u64, nr_inodes: u64) -> Result<(), PoolError
     Ok(())
 }
 
-/// One inode per 4 KiB of space (at least 1024): millions of empty files would otherwise
-/// cost kernel memory that no size limit sees.
-fn inodes(bytes: u64) -> u64 {
-    (bytes / 4096).max(1024)
-}
+use crate::limits::tmpfs_inodes as inodes;
 
 pub(super) fn set_mode(path: &Path, mode: u32) -> Result<(), PoolError> {
     use std::os::unix::fs::PermissionsExt;

@@ -317,8 +317,9 @@ fn mount_proc() -> Result<(), c_int> {
 /// each is then bound where a cold sandbox has it (its own /tmp last, covering the
 /// staging mount), so the three share one size limit as the slot's tmpfs does.
 fn mount_work_dirs(size: u64) -> Result<(), c_int> {
-    let options =
-        std::ffi::CString::new(format!("size={size},mode=0700")).map_err(|_| -libc::EINVAL)?;
+    let inodes = crate::limits::tmpfs_inodes(size);
+    let options = std::ffi::CString::new(format!("size={size},nr_inodes={inodes},mode=0700"))
+        .map_err(|_| -libc::EINVAL)?;
     let flags = libc::MS_NOSUID | libc::MS_NODEV;
     mount(c"tmpfs", c"/tmp", Some(c"tmpfs"), flags, Some(&options))?;
     for (dir, mode) in [
