@@ -209,15 +209,21 @@ async fn a_dead_or_hung_zygote_is_replaced_without_failing_a_run() {
         let replaced = wait_for_zygote(uid).await;
         assert_ne!(replaced, zygote);
         assert_eq!(run(&t, "print(2)").await["stdout"], "2\n");
-        // Hung: stopped, it takes no run; the run starts elsewhere within seconds.
+        // Hung: a stopped zygote clones no more runs. The run it had made ready still
+        // takes the next request; the one after starts elsewhere within seconds.
         let hung = wait_for_zygote(uid).await;
         // SAFETY: as above.
         unsafe { libc::kill(hung, libc::SIGSTOP) };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let died = restarts(&t, "died").await;
+        let r = run(&t, "print('ready before the hang')").await;
+        assert_eq!(r["stdout"], "ready before the hang\n", "{r}");
         let started = std::time::Instant::now();
         let r = run(&t, "print('after a hang')").await;
         assert_eq!(r["stdout"], "after a hang\n", "{r}");
         assert!(started.elapsed() < Duration::from_secs(15));
-        // SAFETY: as above (it may be gone already).
+        assert_eq!(restarts(&t, "died").await, died + 1);
+        // SAFETY: as above (it is gone already, with its sandbox).
         unsafe { libc::kill(hung, libc::SIGKILL) };
         let before = zygote_starts(&t).await;
         assert_eq!(run(&t, "print(3)").await["stdout"], "3\n");

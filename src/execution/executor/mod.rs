@@ -324,11 +324,13 @@ impl Executor {
                 let next = warmable(&request.runtime).then(|| Arc::clone(&request.runtime));
                 this.with_slot_state(lease.index, |s| s.warm_for = next);
             }
-            // A zygote that served the run stays, and its runs leave nothing to clean.
-            let kept = this
+            // A zygote that served the run stays, and its runs leave nothing to clean: a
+            // run's init reports only once it has killed and reaped everything else in the
+            // run's pid namespace, and the namespace ends with it.
+            if this
                 .with_slot_state(lease.index, |s| std::mem::take(&mut s.zygote_kept))
-                .unwrap_or(false);
-            if kept && this.zygote_run_left_nothing(lease.index).await {
+                .unwrap_or(false)
+            {
                 drop(lease);
                 return;
             }

@@ -286,24 +286,6 @@ impl Executor {
         })
     }
 
-    /// After a run the zygote kept, once the answer is out: whether the slot is ready for
-    /// its next run. A run's init empties its pid namespace before it reports, so nothing
-    /// of the run is left but for a zygote that misbehaves; that one is replaced, and the
-    /// slot settled and reset as after any other run (false).
-    pub(super) async fn zygote_run_left_nothing(&self, index: usize) -> bool {
-        let Some(cgroup) = self.slots.slots.get(index).and_then(|s| s.cgroup.as_ref()) else {
-            return false;
-        };
-        if run_namespaces_gone(cgroup).await {
-            return true;
-        }
-        let zygote = self.with_slot_state(index, |s| s.prepared.take()).flatten();
-        if let Some(zygote) = zygote {
-            self.retire_zygote(zygote, index, "died").await;
-        }
-        false
-    }
-
     /// End a zygote (its slot is then settled and reset, and starts a new one).
     async fn retire_zygote(&self, zygote: PreparedSandbox, index: usize, reason: &'static str) {
         if let Waiting::Zygote(state) = &zygote.waiting {
@@ -386,32 +368,6 @@ async fn started(mut spawned: Spawned) -> Option<Spawned> {
         Ok(Ok(1)) if &byte == STARTED => Some(spawned),
         _ => None,
     }
-}
-
-/// Whether no process of a run's namespaces is left in the slot's cgroup: a run's init
-/// empties its pid namespace before it reports, so this is true at once but for a
-/// zygote that misbehaves. Run processes are those two pid namespaces below the host's
-/// (the zygote's sandbox is one below).
-async fn run_namespaces_gone(cgroup: &crate::execution::pool::cgroup::MemoryCgroup) -> bool {
-    for _ in 0..20 {
-        if !cgroup.procs().into_iter().any(|pid| pid_depth(pid) >= 3) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    false
-}
-
-/// How many pid namespaces `pid` is in (its `NSpid` line), 0 if it is gone.
-fn pid_depth(pid: i32) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .map(|ids| ids.split_whitespace().count())
-        })
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

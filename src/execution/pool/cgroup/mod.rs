@@ -280,13 +280,6 @@ impl MemoryCgroup {
         sent
     }
 
-    /// The processes inside now.
-    pub(crate) fn procs(&self) -> Vec<i32> {
-        std::fs::read_to_string(self.procs_path())
-            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
-            .unwrap_or_default()
-    }
-
     /// Whether no process but `except` is inside.
     pub(crate) fn is_empty(&self, except: Option<u32>) -> bool {
         let except = except.map(|p| p.to_string());

@@ -66,10 +66,25 @@ const READ_ONLY_PROC: &[&CStr] = &[
 struct State {
     control: Option<RawFd>,
     filters: Vec<Vec<u8>>,
+    /// The zygote's end of the pipe its ready run (init and run) writes to once it has
+    /// taken a request; the run's end while it waits.
+    taken: Option<OwnedFd>,
+    /// A pidfd of the run's init the zygote cloned last: the next is cloned when it ends.
+    init: Option<OwnedFd>,
+    /// Consecutive ready runs that died before taking a request.
+    failures: u32,
+    /// Between the run's init and the run: the run passes the status pipe over it.
+    pair: Option<OwnedFd>,
     run_fds: Vec<OwnedFd>,
     request: Option<RunRequest>,
     argv: Option<OwnedFd>,
 }
+
+/// Ready runs that may die in a row before the zygote gives up (and is replaced).
+const MAX_FAILURES: u32 = 3;
+/// The size a ready run's tmpfs is mounted with before its request says the real one
+/// (nothing is written to it before then).
+const READY_TMPFS_BYTES: u64 = 1 << 30;
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
@@ -119,24 +134,90 @@ pub(crate) extern "C" fn mde_zygote_init(control_fd: c_int) -> c_int {
     0
 }
 
-/// Wait for the next run's descriptors. 1 when they arrived, 0 when the daemon closed the
-/// socket (the zygote should exit), a negative errno otherwise.
+/// Get ready to clone the next run: wait until the run cloned last has ended (taken a
+/// request and finished, or died before it could), so one run, ready or running, exists
+/// at a time: nothing of the next run counts against this one's processes or memory. 1
+/// when the caller should clone it now, 0 when the daemon closed the socket (the zygote
+/// should exit), a negative errno when ready runs keep dying.
+///
+/// The ready run, not the zygote, reads the run's descriptors from the socket: the zygote
+/// holds no request at any time, and a request finds its namespaces, mounts and forked
+/// interpreter already made.
 #[unsafe(no_mangle)]
 pub(crate) extern "C" fn mde_zygote_next() -> c_int {
     let Some(control) = with_state(|s| s.control) else {
         return -libc::EBADF;
     };
-    loop {
-        match receive_fds(control) {
-            Ok(None) => return 0,
-            Ok(Some(fds)) if fds.len() == RUN_FDS => {
-                with_state(|s| s.run_fds = fds);
-                return 1;
+    if let (Some(taken), Some(init)) = with_state(|s| (s.taken.take(), s.init.take())) {
+        match wait_ended(&init, &taken, control) {
+            Taken::Yes => with_state(|s| s.failures = 0),
+            Taken::DaemonLeft => return 0,
+            Taken::Died => {
+                let failures = with_state(|s| {
+                    s.failures += 1;
+                    s.failures
+                });
+                if failures >= MAX_FAILURES {
+                    return -libc::ECHILD;
+                }
             }
-            // Not a run's message: drop what came with it and wait for the next.
-            Ok(Some(_)) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return neg(&e),
+        }
+    }
+    match crate::execution::sandbox::child::pipe_pair() {
+        Ok((read, write)) => {
+            with_state(|s| {
+                s.taken = Some(read);
+                s.run_fds = vec![write];
+            });
+            1
+        }
+        Err(e) => neg(&e),
+    }
+}
+
+enum Taken {
+    Yes,
+    Died,
+    DaemonLeft,
+}
+
+/// Block until the run's init has exited (then: did it take a request?), or the daemon
+/// hangs up on `control`.
+fn wait_ended(init: &OwnedFd, taken: &OwnedFd, control: RawFd) -> Taken {
+    let mut fds = [
+        libc::pollfd {
+            fd: init.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        // Only a hang-up: a waiting message is the ready run's to read.
+        libc::pollfd {
+            fd: control,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: poll on two valid pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Taken::DaemonLeft;
+        }
+        if fds[0].revents != 0 {
+            let mut byte = [0u8; 1];
+            // SAFETY: a non-blocking read of one byte into a local buffer (the init and
+            // the run are gone, so the pipe holds the byte or is at its end).
+            let n = unsafe {
+                libc::fcntl(taken.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+                libc::read(taken.as_raw_fd(), byte.as_mut_ptr().cast(), 1)
+            };
+            return if n == 1 { Taken::Yes } else { Taken::Died };
+        }
+        if fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return Taken::DaemonLeft;
         }
     }
 }
@@ -179,24 +260,51 @@ fn receive_fds(control: RawFd) -> std::io::Result<Option<Vec<OwnedFd>>> {
 /// before/after-fork hooks around this call, as its own `fork` would.
 #[unsafe(no_mangle)]
 pub(crate) extern "C" fn mde_zygote_clone() -> c_int {
-    let flags = libc::CLONE_NEWPID as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
+    let flags =
+        (libc::CLONE_NEWPID | libc::CLONE_PIDFD) as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
+    let mut pidfd: c_int = -1;
     // SAFETY: clone without CLONE_VM or a new stack behaves as fork: the child continues
-    // here on a copy of this (single-threaded) process.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    // here on a copy of this (single-threaded) process. With CLONE_PIDFD the kernel writes
+    // a pidfd of the child to the third argument (x86_64's order: flags, stack, parent
+    // tid pointer, child tid pointer, tls).
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            0usize,
+            &mut pidfd as *mut c_int,
+            0usize,
+            0usize,
+        )
+    };
+    // The zygote keeps only its end of the `taken` pipe (the run's end is in `run_fds`).
     if pid < 0 {
         let e = errno();
-        with_state(|s| s.run_fds.clear());
+        with_state(|s| {
+            s.run_fds.clear();
+            s.taken = None;
+        });
         return e;
     }
     if pid > 0 {
-        with_state(|s| s.run_fds.clear());
+        // SAFETY: the kernel made this descriptor for us.
+        let init = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
+        with_state(|s| {
+            s.run_fds.clear();
+            s.init = init;
+        });
+    } else {
+        with_state(|s| {
+            s.taken = None;
+            s.init = None;
+        });
     }
     pid as c_int
 }
 
-/// In the run's init (pid 1): new mount, network, ipc and uts namespaces; a fresh /proc;
-/// one fresh tmpfs of the run's size behind `/box`, `/tmp` and `/dev/shm`; the request read
-/// and its files written; loopback up.
+/// In the run's init (pid 1), before any request: new mount, network, ipc and uts
+/// namespaces; a fresh /proc; one fresh tmpfs behind `/box`, `/tmp` and `/dev/shm`;
+/// loopback up; the socket pair over which the run will pass its status pipe.
 #[unsafe(no_mangle)]
 pub(crate) extern "C" fn mde_run_init() -> c_int {
     match run_init() {
@@ -223,6 +331,31 @@ fn run_init() -> Result<(), c_int> {
             std::ptr::null(),
         ))?;
     }
+    mount_proc()?;
+    mount_work_dirs(READY_TMPFS_BYTES)?;
+    loopback_up()?;
+    // SAFETY: a static path.
+    check(unsafe { libc::chdir(c"/box".as_ptr()) })?;
+    let (ours, theirs) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| -(e as c_int))?;
+    // The init keeps `ours` (in `pair`) and the run `theirs`: each drops the other's end
+    // when it starts (see `mde_run_supervise` and `take_run`).
+    with_state(|s| {
+        s.pair = Some(ours);
+        s.run_fds.push(theirs);
+    });
+    Ok(())
+}
+
+/// In the run, once a request came: read it, give its tmpfs the run's size, write its
+/// files, and tell the daemon the run is under way (a zygote that stopped forking is
+/// replaced, and its run started elsewhere, when this does not come).
+fn take_request() -> Result<(), c_int> {
     let request_fd = with_state(|s| s.run_fds.get(REQUEST).map(AsRawFd::as_raw_fd));
     let request_fd = request_fd.ok_or(-libc::EBADF)?;
     let mut bytes = Vec::new();
@@ -230,15 +363,9 @@ fn run_init() -> Result<(), c_int> {
     let mut file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(request_fd) });
     file.read_to_end(&mut bytes).map_err(|e| neg(&e))?;
     let request = RunRequest::decode(&bytes).ok_or(-libc::EINVAL)?;
-    mount_proc()?;
-    mount_work_dirs(request.workdir_bytes)?;
+    resize_work_dirs(request.workdir_bytes)?;
     write_files(&request.files)?;
-    loopback_up()?;
     let argv = argv_memfd(&request.argv)?;
-    // SAFETY: a static path.
-    check(unsafe { libc::chdir(c"/box".as_ptr()) })?;
-    // Tells the daemon the run is under way (a zygote that stopped forking is replaced,
-    // and its run started elsewhere, when this does not come).
     let status_fd = with_state(|s| s.run_fds.get(STATUS).map(AsRawFd::as_raw_fd));
     let status_fd = status_fd.ok_or(-libc::EBADF)?;
     // SAFETY: one byte from a static buffer to a descriptor we hold.
@@ -336,6 +463,21 @@ fn mount_work_dirs(size: u64) -> Result<(), c_int> {
     Ok(())
 }
 
+/// The run's own size for the tmpfs behind /box, /tmp and /dev/shm (one superblock, so
+/// remounting one of its binds resizes all three).
+fn resize_work_dirs(size: u64) -> Result<(), c_int> {
+    let inodes = crate::limits::tmpfs_inodes(size);
+    let options = std::ffi::CString::new(format!("size={size},nr_inodes={inodes}"))
+        .map_err(|_| -libc::EINVAL)?;
+    mount(
+        c"tmpfs",
+        c"/box",
+        None,
+        libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&options),
+    )
+}
+
 /// Write the submission's files under /box, as `workdir.rs` writes a cold run's: parents
 /// 0755, files 0644, never through an existing path.
 fn write_files(files: &[(Vec<u8>, Vec<u8>)]) -> Result<(), c_int> {
@@ -405,11 +547,20 @@ fn argv_memfd(argv: &[Vec<u8>]) -> Result<OwnedFd, c_int> {
 /// returns.
 #[unsafe(no_mangle)]
 pub(crate) extern "C" fn mde_run_supervise(run: c_int) -> c_int {
-    let status_fd = with_state(|s| s.run_fds.get(STATUS).map(AsRawFd::as_raw_fd));
-    let Some(status_fd) = status_fd else {
+    // The run passes the status pipe once it has taken a request; if it dies first, there
+    // is nothing to report (the zygote sees its `taken` pipe close and clones another).
+    let pair = with_state(|s| {
+        s.run_fds.clear();
+        s.pair.take()
+    });
+    let status = pair
+        .and_then(|pair| receive_fds(pair.as_raw_fd()).ok().flatten())
+        .and_then(|mut fds| fds.pop());
+    let Some(status) = status else {
         // SAFETY: ending this process.
-        unsafe { libc::_exit(70) }
+        unsafe { libc::_exit(0) }
     };
+    let status_fd = status.as_raw_fd();
     // SAFETY: plain system calls on our own descriptors; this process only waits from here.
     unsafe {
         // No handler of the interpreter's: as pid 1 it then drops every signal the run
@@ -466,7 +617,51 @@ pub(crate) extern "C" fn mde_run_enter() -> c_int {
     }
 }
 
+/// In the ready run: wait for a request's descriptors on the zygote's socket, hand the
+/// status pipe to the init, and tell the zygote to ready the next run.
+fn take_run() -> Result<(), c_int> {
+    let (control, mut held) = with_state(|s| {
+        s.pair = None;
+        (s.control, std::mem::take(&mut s.run_fds))
+    });
+    let control = control.ok_or(-libc::EBADF)?;
+    let (Some(to_init), Some(taken)) = (held.pop(), held.pop()) else {
+        return Err(-libc::EBADF);
+    };
+    let fds = loop {
+        match receive_fds(control) {
+            Ok(None) => return Err(-libc::EPIPE),
+            Ok(Some(fds)) if fds.len() == RUN_FDS => break fds,
+            // Not a run's message: drop what came with it and wait for the next.
+            Ok(Some(_)) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(neg(&e)),
+        }
+    };
+    {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        let status = [fds[STATUS].as_raw_fd()];
+        let byte = [b's'];
+        let iov = [std::io::IoSlice::new(&byte)];
+        sendmsg::<()>(
+            to_init.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&status)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(|e| -(e as c_int))?;
+    }
+    // SAFETY: one byte from a static buffer to our end of the zygote's pipe.
+    unsafe { libc::write(taken.as_raw_fd(), b"t".as_ptr().cast(), 1) };
+    drop((to_init, taken));
+    with_state(|s| s.run_fds = fds);
+    Ok(())
+}
+
 fn run_enter() -> Result<c_int, c_int> {
+    take_run()?;
+    take_request()?;
     let (fds, argv, rlimits, filters) = with_state(|s| {
         let fds: Vec<RawFd> = s.run_fds.iter().map(AsRawFd::as_raw_fd).collect();
         let argv = s.argv.as_ref().map(AsRawFd::as_raw_fd);
