@@ -5,16 +5,22 @@
 //! ```text
 //! mde_zygote_init(control_fd)          once: not dumpable, children reaped, filters built
 //! loop:
-//!     mde_zygote_next()                wait for a run's descriptors (0: the daemon left)
+//!     mde_zygote_next()                wait for the last run to end (0: the daemon left)
 //!     <before-fork hooks>
-//!     pid = mde_zygote_clone()         the run's init, pid 1 of a new pid namespace
+//!     pid = mde_zygote_clone()         the next run's init, pid 1 of a new pid namespace
 //!     <after-fork hooks>
 //!     if pid > 0: continue             the zygote goes back to waiting
-//!     mde_run_init()                   (init) namespaces, mounts, the request, the files
+//!     mde_run_init()                   (init) namespaces, /proc, tmpfs, loopback
 //!     pid = <the language's fork>()    the run, pid 2
 //!     if pid > 0: mde_run_supervise(pid)   (init) never returns
-//!     fd = mde_run_enter()             (run) no privileges left; fd holds the argv
+//!     fd = mde_run_enter()             (run) waits for a request's descriptors, reads the
+//!                                      request, writes its files, drops every privilege;
+//!                                      fd holds the argv
 //! ```
+//! So the next run is ready (namespaces made, interpreter forked) before its request
+//! comes, and only the request's own work is on its path. There is one run, ready or
+//! running, per zygote at a time: the next is cloned when the last one's init has exited,
+//! so it never counts against a running one's processes or memory.
 //! Every function returns a negative errno on failure; the bootstrap then exits, and the
 //! daemon sees a run without a status (and replaces the zygote).
 //!

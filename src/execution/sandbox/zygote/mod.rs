@@ -10,17 +10,18 @@
 //! [`fork_server`], so the sandboxing is the same Rust code for every language; only the
 //! loop that calls them is the language's (`executor/warm.rs` holds python's).
 //!
-//! Per run, the daemon sends the zygote one message over a unix socket carrying only
-//! descriptors: the request pipe, the status pipe and the run's stdin, stdout and stderr.
-//! The zygote never reads the request: it clones a child into a new pid namespace (the
-//! run's init) and goes back to waiting. That child reads the request (files, argv,
-//! rlimits, work dir size), makes new mount, network, ipc and uts namespaces, mounts a
-//! fresh sized tmpfs for `/box`, `/tmp` and `/dev/shm` and a fresh `/proc`, writes the
-//! files, and forks the run as pid 2 (as in a cold sandbox, where the stage-exec helper is
-//! pid 1). The run drops every capability, sets no_new_privs, installs the seccomp filters
-//! and the run's rlimits, and only then returns to the interpreter, which runs the program.
-//! The init reports the run's wait status and resource use on the status pipe, after it
-//! has killed and reaped everything else left in the namespace.
+//! Ahead of each run, the zygote clones a child into a new pid namespace (the run's
+//! init), which makes new mount, network, ipc and uts namespaces, mounts a fresh `/proc`
+//! and a fresh tmpfs for `/box`, `/tmp` and `/dev/shm`, and forks the run as pid 2 (as in a
+//! cold sandbox, where the stage-exec helper is pid 1). The run waits on the zygote's unix
+//! socket for the daemon's one message, which carries only descriptors: the request pipe,
+//! the status pipe and the run's stdin, stdout and stderr; the zygote itself never reads
+//! one. The run reads its request (files, argv, rlimits, work dir size), sizes the tmpfs,
+//! writes the files, drops every capability, sets no_new_privs, installs the seccomp
+//! filters and the run's rlimits, and only then returns to the interpreter, which runs the
+//! program. The init reports the run's wait status and resource use on the status pipe,
+//! after it has killed and reaped everything else left in the namespace; when it exits,
+//! the zygote readies the next run.
 
 pub(crate) mod fork_server;
 mod protocol;
