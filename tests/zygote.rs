@@ -310,3 +310,46 @@ async fn health_and_runtimes_say_which_runtimes_use_a_zygote() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_zygote_that_cannot_start_leaves_its_runtime_warm_and_health_says_so() {
+    bounded(90, async {
+        let base = std::fs::read_to_string(common::repo_path("runtimes.toml")).expect("read");
+        // python3 as shipped, but its interpreter cannot start (no standard library).
+        let broken = "[[runtime]]\nname = \"pybroken\"\nlanguage = \"python\"\nfile_name = \"main.py\"\nrun = [\"python3\", \"{file}\"]\nenv = { PYTHONHOME = \"/nonexistent\" }\nwarm = \"python\"\nzygote = true\n";
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("runtimes.toml");
+        std::fs::write(&file, format!("{base}\n{broken}")).expect("write");
+        let mut s = one_slot(54_500);
+        s.runtimes.file = file;
+        let t = app_with(s).await;
+        let warnings = async || {
+            let health: Value = serde_json::from_str(&t.get("/health").await.1).expect("json");
+            health["warnings"].to_string()
+        };
+        assert!(!warnings().await.contains("zygotes fail to start"));
+        for _ in 0..3 {
+            let r = t
+                .execute(json!({"runtime": "pybroken", "code": "print(1)"}))
+                .await;
+            assert_ne!(r["run"]["status"], "ok", "{r}");
+        }
+        assert!(restarts_of(&t, "pybroken", "died").await >= 1);
+        assert!(
+            warnings().await.contains("zygotes fail to start"),
+            "{}",
+            warnings().await
+        );
+        // A zygote that serves again clears it.
+        for _ in 0..2 {
+            assert_eq!(run(&t, "print(1)").await["stdout"], "1\n");
+        }
+        assert!(!warnings().await.contains("zygotes fail to start"));
+    })
+    .await;
+}
+
+async fn restarts_of(t: &TestApp, runtime: &str, reason: &str) -> u64 {
+    let series = format!("mde_zygote_restarts_total{{reason=\"{reason}\",runtime=\"{runtime}\"}}");
+    metric(t, &series).await
+}

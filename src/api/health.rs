@@ -176,6 +176,11 @@ impl HealthApi {
                 ));
             }
         }
+        if let Some(error) = state.executor.zygote_start_error() {
+            warnings.push(format!(
+                "zygotes fail to start, their runtimes run warm (one interpreter start per run): {error}"
+            ));
+        }
         let out_of_service = state.executor.slots_out_of_service();
         if out_of_service > 0 {
             warnings.push(format!(

@@ -145,6 +145,9 @@ pub struct Executor {
     zygote_support: ZygoteSupport,
     zygote_max_runs: u64,
     zygote_max_age: std::time::Duration,
+    /// Why the last zygote that could not start failed, for `/health` (cleared when one
+    /// starts again).
+    zygote_start_error: Mutex<Option<String>>,
 }
 
 impl Executor {
@@ -196,6 +199,7 @@ impl Executor {
             zygote_support,
             zygote_max_runs: sandbox.zygote_max_runs,
             zygote_max_age: std::time::Duration::from_secs(sandbox.zygote_max_age_secs),
+            zygote_start_error: Mutex::new(None),
         })
     }
 
@@ -235,6 +239,18 @@ impl Executor {
     }
 
     /// Slots taken out of service because they could not be cleaned after a run.
+    /// Record why zygotes fail to start (`None`: one served a run, all is well).
+    fn note_zygote_start(&self, error: Option<String>) {
+        if let Ok(mut last) = self.zygote_start_error.lock() {
+            *last = error;
+        }
+    }
+
+    /// Why the last zygote that failed did, until one serves a run again (for `/health`).
+    pub fn zygote_start_error(&self) -> Option<String> {
+        self.zygote_start_error.lock().ok().and_then(|e| e.clone())
+    }
+
     pub fn slots_out_of_service(&self) -> usize {
         self.admission.retired()
     }

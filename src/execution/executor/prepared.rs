@@ -284,6 +284,12 @@ impl Executor {
             };
             if let Some(reason) = reason.filter(|_| Arc::ptr_eq(&zygote.runtime, runtime)) {
                 self.observer.zygote_restarted(&runtime.name, reason);
+                if reason == "died" && zygote.runs == 0 {
+                    self.note_zygote_start(Some(format!(
+                        "the zygote of {} ended before it served a run (see the log)",
+                        runtime.name
+                    )));
+                }
             }
         }
         if let Ok(mut seen) = self.prepared_binds.lock() {

@@ -120,6 +120,7 @@ impl Executor {
                     self.observer
                         .zygote_restarted(&runtime.name, "start_failed");
                     tracing::warn!(runtime = %runtime.name, error = %e, "cannot start a zygote");
+                    self.note_zygote_start(Some(format!("the zygote of {}: {e}", runtime.name)));
                 }
             }
         }
@@ -242,8 +243,7 @@ impl Executor {
             self.retire_zygote(prepared, index, "died").await;
             return Err(());
         };
-        state.runs += 1;
-        // The request goes to the run's init, never through the zygote's memory.
+        // The request goes to the run, never through the zygote's memory.
         if !hand_over(request_pipe, encoded).await {
             cgroup.kill_all(launcher_pid);
             self.retire_zygote(prepared, index, "died").await;
@@ -254,7 +254,11 @@ impl Executor {
             self.retire_zygote(prepared, index, "died").await;
             return Err(());
         };
+        if let Waiting::Zygote(state) = &mut prepared.waiting {
+            state.runs += 1;
+        }
         self.observer.run_started(&runtime.name, StartKind::Zygote);
+        self.note_zygote_start(None);
         let report = supervise(spawned, &ctx, start).await;
         // A run stopped at a limit was stopped by killing the zygote's sandbox.
         let killed = matches!(
@@ -289,6 +293,12 @@ impl Executor {
     /// End a zygote (its slot is then settled and reset, and starts a new one).
     async fn retire_zygote(&self, zygote: PreparedSandbox, index: usize, reason: &'static str) {
         if let Waiting::Zygote(state) = &zygote.waiting {
+            if state.runs == 0 && reason == "died" {
+                self.note_zygote_start(Some(format!(
+                    "the zygote of {} ended before it served a run (see the log)",
+                    state.runtime.name
+                )));
+            }
             self.observer.zygote_restarted(&state.runtime.name, reason);
             tracing::debug!(runtime = %state.runtime.name, runs = state.runs, reason,
                 "replacing a zygote");
