@@ -597,6 +597,14 @@ async fn warm_and_zygote_pythons_behave_like_a_cold_one() {
             "import resource\nprint(resource.getrlimit(resource.RLIMIT_NOFILE), resource.getrlimit(resource.RLIMIT_FSIZE))",
             "import os\nprint(sorted(os.listdir('/box')), sorted(os.listdir('/tmp')), os.getcwd(), open('/proc/self/status').read().count('CapEff:\\t0000000000000000'))",
             "print(open('/proc/cmdline').read() == '', __import__('socket').gethostname())",
+            "import os\ns = os.statvfs('/tmp')\nprint(s.f_files, s.f_blocks * s.f_frsize, [l.split()[1] for l in open('/proc/self/status') if l.startswith('Cap')])",
+            "import sys\nsys.exit(2 ** 70)",
+            "import sys\nsys.exit(2 ** 40 + 3)",
+            "import sys\nsys.exit(-1)",
+            "raise KeyboardInterrupt",
+            "import sys\nprint('x')\nsys.stdout.close()",
+            "import sys\nsys.stdout = None",
+            "import builtins\nbuiltins.f = open(1, 'w', closefd=False)\nbuiltins.f.write('buffered in builtins\\n')\nprint('main')",
         ];
         for code in programs {
             // After pycold the one slot's sandbox is plain: a python3 run makes the next one

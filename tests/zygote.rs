@@ -353,3 +353,26 @@ async fn restarts_of(t: &TestApp, runtime: &str, reason: &str) -> u64 {
     let series = format!("mde_zygote_restarts_total{{reason=\"{reason}\",runtime=\"{runtime}\"}}");
     metric(t, &series).await
 }
+
+#[tokio::test]
+async fn what_a_run_leaves_in_kernel_caches_does_not_count_against_the_next() {
+    bounded(90, async {
+        let t = app_with(one_slot(54_600)).await;
+        // Negative dentries, charged to the slot's memory cgroup and held by no process.
+        let poison = "import os, time\nt = time.time()\nn = 0\nwhile time.time() - t < 1.5:\n    for i in range(1000):\n        try:\n            os.stat('/usr/z%d_%d' % (n, i))\n        except OSError:\n            pass\n    n += 1\nprint('done')";
+        assert_eq!(run(&t, poison).await["stdout"], "done\n");
+        let memory_restarts = restarts(&t, "memory").await;
+        let before = zygote_starts(&t).await;
+        for _ in 0..2 {
+            let r = t
+                .execute(json!({"code": "print(1)", "limits": {"memory_bytes": 128 << 20}}))
+                .await;
+            assert_eq!(r["run"]["stdout"], "1\n", "{r}");
+            let peak = r["run"]["peak_memory_bytes"].as_u64().unwrap_or(u64::MAX);
+            assert!(peak < 32 << 20, "the next run's peak is its own: {r}");
+        }
+        assert_eq!(zygote_starts(&t).await, before + 2, "still forked from the zygote");
+        assert_eq!(restarts(&t, "memory").await, memory_restarts);
+    })
+    .await;
+}

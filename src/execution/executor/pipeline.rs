@@ -161,6 +161,7 @@ impl Executor {
         }
         let mut prepared = prepared;
         if let Some(cg) = &slot.cgroup {
+            cg.reclaim_unheld();
             // A waiting interpreter already holds memory. Below a quarter of the stage's limit
             // it is kept; above, it goes first and the stage starts cold (lowering the limit
             // under its usage would fail on cgroup v1 and OOM-kill it, uncounted, on v2).

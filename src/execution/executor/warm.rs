@@ -180,8 +180,9 @@ const PYTHON_ZYGOTE: &str = r#"def _mde_fork():
         if fd < 0:
             os._exit(74)
         return fd
-def _mde_main(code, g):
+def _mde_main(code, g, before):
     import os, gc
+    interrupted = False
     try:
         exec(code, g)
         status = 0
@@ -190,14 +191,16 @@ def _mde_main(code, g):
         if code is None:
             status = 0
         elif isinstance(code, int):
-            status = code & 0xff
+            # As the interpreter: a C long, then the kernel's 8 bits; -1 past a long.
+            status = code & 0xff if -2 ** 63 <= code < 2 ** 63 else 255
         else:
             try:
                 print(code, file=sys.stderr)
             except Exception:
                 pass
             status = 1
-    except BaseException:
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
         sys.excepthook(*sys.exc_info())
         status = 1
     threading = sys.modules.get('threading')
@@ -206,23 +209,45 @@ def _mde_main(code, g):
     atexit = sys.modules.get('atexit')
     if atexit is not None:
         atexit._run_exitfuncs()
+    # Then as the interpreter's teardown: stdout and stderr flushed (a failing stdout makes
+    # the status 120), the main module's names cleared (finalizers run), and files the
+    # program left open where the teardown would still flush them: in builtins and in
+    # the modules it imported (not the zygote's own).
+    def flush_std(status):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None and not stream.closed:
+                    stream.flush()
+            except Exception:
+                if stream is sys.stdout and status == 0:
+                    status = 120
+        return status
+    status = flush_std(status)
     for first in (True, False):
         for name in list(g):
             if name != '__builtins__' and (not first or (name[:1] == '_' and name[1:2] != '_')):
                 g[name] = None
     gc.collect()
-    try:
-        sys.stdout.flush()
-    except Exception:
-        status = status or 120
-    try:
-        sys.stderr.flush()
-    except Exception:
-        pass
+    io = sys.modules.get('io')
+    spaces = [vars(sys.modules['builtins'])]
+    spaces += [vars(m) for n, m in list(sys.modules.items()) if n not in before and m is not None]
+    for space in spaces:
+        for value in list(space.values()):
+            if io is not None and isinstance(value, io.IOBase):
+                try:
+                    if not value.closed:
+                        value.flush()
+                except Exception:
+                    pass
+    status = flush_std(status)
+    if interrupted:
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     os._exit(status)
 _mde_code, _mde_globals = _mde_take(_mde_fork(), _mde_before)
-del _mde_take, _mde_before, _mde_fork
-_mde_main(_mde_code, _mde_globals)
+del _mde_take, _mde_fork
+_mde_main(_mde_code, _mde_globals, _mde_before)
 "#;
 
 /// Whether idle sandboxes may keep `runtime` started (see `warm.rs`).

@@ -216,6 +216,8 @@ impl Executor {
         };
         // As for a warm interpreter: a zygote holding more than a quarter of the run's
         // limit goes (lowering the limit under its usage fails on v1, OOM-kills on v2).
+        // What earlier runs left in caches is given back first, or it would count.
+        cgroup.reclaim_unheld();
         let fits = cgroup
             .usage_bytes()
             .is_some_and(|used| used <= limits.memory_bytes / 4);

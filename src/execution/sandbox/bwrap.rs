@@ -150,7 +150,7 @@ impl BwrapBackend {
 impl BwrapBackend {
     /// A fork server's sandbox (see `zygote/mod.rs`): the runtime's interpreter running
     /// `argv` with the fork-server library bound at `LIBRARY_PATH`, keeping CAP_SYS_ADMIN
-    /// and CAP_NET_ADMIN in its user namespace and no seccomp filter (each run installs
+    /// CAP_NET_ADMIN and CAP_SETPCAP in its user namespace and no seccomp filter (each run installs
     /// them after making its own namespaces). `argv` names the control socket as
     /// `ZYGOTE_CONTROL_FD`, where the runner places `command.pass_fds[0]`.
     pub(crate) fn build_zygote(
@@ -270,6 +270,9 @@ impl BwrapBackend {
                 "CAP_SYS_ADMIN",
                 "--cap-add",
                 "CAP_NET_ADMIN",
+                // Only so that each run can empty its bounding set, as a cold run's is.
+                "--cap-add",
+                "CAP_SETPCAP",
             ],
         };
         let mut args: Vec<OsString> = [

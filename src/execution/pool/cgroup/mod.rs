@@ -193,6 +193,53 @@ impl MemoryCgroup {
         Ok(self.oom_kills())
     }
 
+    /// Give back memory charged here that no process holds: what the last run left in the
+    /// page cache and kernel caches (a run that stats a million missing paths leaves
+    /// negative dentries worth tens of megabytes), which would otherwise count against
+    /// the next run here, inflate its reported peak, and make a waiting interpreter or a
+    /// zygote look too big to keep. Resident memory (anonymous, shared and mapped pages)
+    /// stays. Cheap when there is nothing to give back (two reads).
+    pub(crate) fn reclaim_unheld(&self) {
+        const SLACK: u64 = 16 << 20;
+        let Some(usage) = self.usage_bytes() else {
+            return;
+        };
+        let resident = self.resident_bytes();
+        if usage <= resident + SLACK {
+            return;
+        }
+        // Best effort: what cannot be reclaimed stays, and the caller's checks see it.
+        let _ = match self.version {
+            // Lowering the limit makes the kernel reclaim down to it (or refuse, EBUSY);
+            // `prepare` then sets the run's own limit.
+            CgroupVersion::V1 => write_file(
+                &self.dir.join("memory.limit_in_bytes"),
+                &(resident + SLACK).to_string(),
+            ),
+            CgroupVersion::V2 => write_file(
+                &self.dir.join("memory.reclaim"),
+                &(usage - resident - SLACK / 2).to_string(),
+            ),
+        };
+    }
+
+    /// Memory processes here hold: anonymous, shared memory and mapped file pages.
+    fn resident_bytes(&self) -> u64 {
+        let keys: &[&str] = match self.version {
+            CgroupVersion::V1 => &["total_rss", "total_shmem", "total_mapped_file"],
+            CgroupVersion::V2 => &["anon", "shmem", "file_mapped"],
+        };
+        std::fs::read_to_string(self.dir.join("memory.stat"))
+            .map(|stat| {
+                stat.lines()
+                    .filter_map(|l| l.split_once(' '))
+                    .filter(|(k, _)| keys.contains(k))
+                    .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// Memory the cgroup holds now.
     pub(crate) fn usage_bytes(&self) -> Option<u64> {
         match self.version {

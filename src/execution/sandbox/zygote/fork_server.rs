@@ -728,8 +728,8 @@ fn drop_capabilities() -> Result<(), c_int> {
     // SAFETY: prctl and capset with valid arguments.
     unsafe {
         for cap in 0..64 {
-            // EINVAL past the last capability this kernel knows; EPERM without CAP_SETPCAP
-            // (no_new_privs and empty sets make the bounding set moot then).
+            // EINVAL past the last capability this kernel knows. The zygote keeps
+            // CAP_SETPCAP for this alone, so the set ends empty, as a cold run's.
             libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
         }
         libc::prctl(

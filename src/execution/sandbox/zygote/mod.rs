@@ -3,7 +3,7 @@
 //! per run (about 10 ms of CPU each, against under 2 ms for a fork and fresh namespaces).
 //!
 //! The zygote runs in a bubblewrap sandbox like every stage (the slot's uid, cgroups and
-//! read-only system), but keeps `CAP_SYS_ADMIN` and `CAP_NET_ADMIN` inside its own user
+//! read-only system), but keeps `CAP_SYS_ADMIN`, `CAP_NET_ADMIN` and `CAP_SETPCAP` inside its own user
 //! namespace, without the seccomp filters, so each run's process can make its own
 //! namespaces and mounts. The interpreter loads this crate as a shared library
 //! (`libmixed_docker_executor.so`, bound at [`LIBRARY_PATH`]) and calls the functions in
