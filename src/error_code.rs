@@ -9,8 +9,8 @@ use poem_openapi::Enum;
 /// `unauthorized`, 404 `not_found`, 405 `method_not_allowed`, 408 `request_timeout`, 413
 /// `payload_too_large`; 422 `unknown_runtime`, `version_mismatch`, `runtime_unavailable`,
 /// `limit_exceeded`, `invalid_request`; `busy` with `Retry-After`, 429 when every slot and
-/// the queue are taken, 503 when too many request bodies or connections are in flight; 500
-/// `internal_error`.
+/// the queue are taken, 503 when too many request bodies or connections are in flight; 503
+/// `shutting_down` with `Retry-After` while the daemon drains; 500 `internal_error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Enum)]
 #[oai(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -35,6 +35,9 @@ pub enum ErrorCode {
     /// 429 (slots and queue full, or no room for the answer in time); 503 from the HTTP
     /// guards (request bodies or connections in flight).
     Busy,
+    /// 503: the daemon is shutting down; the submission was not run, or was killed at the
+    /// end of the shutdown grace period. Retry (another replica runs it).
+    ShuttingDown,
     /// 404.
     NotFound,
     /// 405.
@@ -46,7 +49,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadRequest,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
@@ -57,6 +60,7 @@ impl ErrorCode {
         ErrorCode::LimitExceeded,
         ErrorCode::InvalidRequest,
         ErrorCode::Busy,
+        ErrorCode::ShuttingDown,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::Unauthorized,
@@ -76,6 +80,7 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::Busy => "busy",
+            ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Unauthorized => "unauthorized",
@@ -98,6 +103,7 @@ impl ErrorCode {
             | ErrorCode::LimitExceeded
             | ErrorCode::InvalidRequest => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::Busy => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -116,6 +122,7 @@ impl ErrorCode {
             | ErrorCode::RuntimeUnavailable
             | ErrorCode::LimitExceeded
             | ErrorCode::Busy
+            | ErrorCode::ShuttingDown
             | ErrorCode::Unauthorized => self,
             ErrorCode::BadRequest
             | ErrorCode::RequestTimeout
@@ -128,13 +135,14 @@ impl ErrorCode {
     }
 
     /// Every `reason` label value (each series exists from start-up, at 0).
-    pub const REJECT_REASONS: [ErrorCode; 7] = [
+    pub const REJECT_REASONS: [ErrorCode; 8] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownRuntime,
         ErrorCode::RuntimeUnavailable,
         ErrorCode::LimitExceeded,
         ErrorCode::PayloadTooLarge,
         ErrorCode::Busy,
+        ErrorCode::ShuttingDown,
         ErrorCode::Unauthorized,
     ];
 

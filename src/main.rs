@@ -171,13 +171,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         addr.1
     );
     let limits = ConnectionLimits::from_settings(&app.state.settings.server);
+    let executor = Arc::clone(&app.state.executor);
     server::serve(
         listener,
         app.endpoint(),
         limits,
         Arc::clone(&app.state.metrics),
-        shutdown_signal(),
-        grace,
+        drain(executor, grace),
+        ANSWER_GRACE,
     )
     .await
     .context("server error")?;
@@ -185,17 +186,71 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+/// After the drain, how long answers (including "killed by shutdown" ones) have to reach
+/// their clients before the connections are closed.
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
+
+/// Resolves when the server should stop listening: on SIGTERM or SIGINT the daemon turns
+/// `/ready` to 503 and refuses new submissions (503 `shutting_down` with `Retry-After`),
+/// while it keeps answering; the runs in flight get `grace` to finish; then (or at a second
+/// signal) whatever still runs is killed and answered as killed by the shutdown.
+async fn drain(executor: Arc<mixed_docker_executor::execution::Executor>, grace: Duration) {
+    let mut signals = match ShutdownSignals::new() {
         Ok(s) => s,
-        Err(_) => {
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT; stopping on Ctrl-C only");
             let _ = tokio::signal::ctrl_c().await;
+            executor.kill_running();
             return;
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let signal = signals.next().await;
+    executor.begin_drain();
+    tracing::info!(
+        signal,
+        running = executor.running(),
+        waiting = executor.waiting(),
+        grace_seconds = grace.as_secs(),
+        "shutdown requested; finishing in-flight executions (new submissions get 503)"
+    );
+    let finished = tokio::select! {
+        r = tokio::time::timeout(grace, executor.wait_idle()) => r.is_ok(),
+        signal = signals.next() => {
+            tracing::warn!(signal, "second shutdown signal; not waiting for the grace period");
+            false
+        }
+    };
+    if !finished {
+        tracing::warn!(
+            running = executor.running(),
+            "runs still going at the end of the shutdown grace period; killing them"
+        );
+        executor.kill_running();
+        let _ = tokio::time::timeout(Duration::from_secs(5), executor.wait_idle()).await;
+    } else {
+        tracing::info!("every in-flight execution finished");
     }
-    tracing::info!("shutdown requested; finishing in-flight executions");
+}
+
+/// SIGTERM and SIGINT, whichever comes.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }

@@ -215,6 +215,8 @@ pub enum ApiError {
     Unprocessable(ErrorBody),
     /// 429 with Retry-After.
     Busy(ErrorBody),
+    /// 503 with Retry-After: the daemon is shutting down.
+    Unavailable(ErrorBody),
     /// 500: our fault, never the request's.
     Internal(ErrorBody),
 }
@@ -244,6 +246,9 @@ impl From<ExecuteError> for ApiError {
             ExecuteError::Abandoned => {
                 ApiError::Busy(ErrorBody::new(ErrorCode::Busy, e.to_string()))
             }
+            ExecuteError::ShuttingDown { .. } => {
+                ApiError::Unavailable(ErrorBody::new(ErrorCode::ShuttingDown, e.to_string()))
+            }
             ExecuteError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 ApiError::Internal(ErrorBody::new(
@@ -270,6 +275,9 @@ macro_rules! error_variants {
                     ApiError::Unprocessable(b) => Self::Unprocessable(ErrorJson(b)),
                     ApiError::Busy(b) => {
                         Self::Busy(ErrorJson(b), $crate::api::errors::RETRY_AFTER_SECONDS)
+                    }
+                    ApiError::Unavailable(b) => {
+                        Self::Unavailable(ErrorJson(b), $crate::api::errors::RETRY_AFTER_SECONDS)
                     }
                     ApiError::Internal(b) => Self::Internal(ErrorJson(b)),
                 }

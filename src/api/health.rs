@@ -57,8 +57,11 @@ impl poem_openapi::types::Example for Health {
 #[derive(Debug, Object)]
 #[oai(example, skip_serializing_if_is_none)]
 pub struct Readiness {
-    /// True when the default runtime can run.
+    /// True when the default runtime can run and the daemon is not shutting down.
     pub ready: bool,
+    /// True once the daemon is shutting down (SIGTERM or SIGINT): it admits nothing new
+    /// and finishes the runs in flight.
+    pub draining: bool,
     /// Executions that can run at once.
     pub slots: u64,
     /// Slots taken out of service because they could not be cleaned after a run (each
@@ -83,6 +86,7 @@ impl poem_openapi::types::Example for Readiness {
     fn example() -> Self {
         Readiness {
             ready: true,
+            draining: false,
             slots: 2,
             slots_out_of_service: 0,
             running: 1,
@@ -100,7 +104,8 @@ pub enum ReadyResponse {
     /// Ready to run submissions.
     #[oai(status = 200)]
     Ready(Json<Readiness>),
-    /// Not ready: the default runtime is unavailable, or every slot is out of service.
+    /// Not ready: the default runtime is unavailable, every slot is out of service, or the
+    /// daemon is shutting down (`draining`).
     #[oai(status = 503)]
     NotReady(Json<Readiness>),
 }
@@ -213,17 +218,20 @@ impl HealthApi {
 
     /// Readiness
     ///
-    /// 200 when submissions can run, 503 when the default runtime is unavailable or no slot
-    /// is in service. Also shows
+    /// 200 when submissions can run, 503 when the default runtime is unavailable, no slot
+    /// is in service or the daemon is shutting down (a load balancer then stops sending it
+    /// work; the runs in flight finish). Also shows
     /// load and whether the latest runtimes.toml reload failed.
     #[oai(path = "/ready", method = "get", tag = "ApiTags::Operations")]
     async fn ready(&self, state: poem::web::Data<&AppState>) -> ReadyResponse {
         let set = state.runtimes.snapshot();
         let info = state.executor.info();
         let out_of_service = state.executor.slots_out_of_service();
-        let ready = set.resolve(None, None).is_ok() && out_of_service < info.slots;
+        let draining = state.executor.draining();
+        let ready = !draining && set.resolve(None, None).is_ok() && out_of_service < info.slots;
         let body = Readiness {
             ready,
+            draining,
             slots: info.slots as u64,
             slots_out_of_service: out_of_service as u64,
             running: state.executor.running() as u64,

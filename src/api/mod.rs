@@ -120,6 +120,9 @@ impl AppState {
     ) -> Result<ExecutionReport, crate::execution::ExecuteError> {
         let gone = &request_id.client_gone;
         use crate::execution::ExecuteError;
+        if self.executor.draining() {
+            return Err(ExecuteError::ShuttingDown { killed: false });
+        }
         let wait = std::time::Duration::from_millis(self.settings.execution.max_queue_wait_ms);
         let bytes = response_budget::worst_case_bytes(&request);
         let reserve = self.responses.reserve(bytes, request_id.peer);

@@ -384,6 +384,10 @@ pub enum PistonExecuteResult {
     /// Every slot is busy and the queue is full; retry after the given seconds.
     #[oai(status = 429)]
     Busy(Json<PistonError>, #[oai(header = "Retry-After")] u64),
+    /// The daemon is shutting down: the submission was not run, or was killed when the
+    /// shutdown grace period ended; send it again after the given seconds.
+    #[oai(status = 503)]
+    Unavailable(Json<PistonError>, #[oai(header = "Retry-After")] u64),
     /// The daemon failed; not caused by the request.
     #[oai(status = 500)]
     Internal(Json<PistonError>),
@@ -416,6 +420,7 @@ enum RefusalStatus {
     Unauthorized,
     UnsupportedMediaType,
     Busy,
+    Unavailable,
     Internal,
 }
 
@@ -444,6 +449,9 @@ impl Refusal {
             RefusalStatus::Busy => {
                 PistonExecuteResult::Busy(body, super::errors::RETRY_AFTER_SECONDS)
             }
+            RefusalStatus::Unavailable => {
+                PistonExecuteResult::Unavailable(body, super::errors::RETRY_AFTER_SECONDS)
+            }
             RefusalStatus::Internal => PistonExecuteResult::Internal(body),
         }
     }
@@ -456,6 +464,11 @@ impl From<ApiError> for Refusal {
             ApiError::Unprocessable(b) => Refusal::bad(b.code, b.message),
             ApiError::Busy(b) => Refusal {
                 status: RefusalStatus::Busy,
+                code: b.code,
+                message: b.message,
+            },
+            ApiError::Unavailable(b) => Refusal {
+                status: RefusalStatus::Unavailable,
                 code: b.code,
                 message: b.message,
             },

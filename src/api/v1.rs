@@ -284,6 +284,11 @@ pub enum ExecuteResult {
     /// Every slot is busy and the queue is full; retry after the given seconds.
     #[oai(status = 429)]
     Busy(ErrorJson, #[oai(header = "Retry-After")] u64),
+    /// The daemon is shutting down (draining before a restart or a scale-down): the
+    /// submission was not run, or was killed when the shutdown grace period ended. Send it
+    /// again after the given seconds; behind a load balancer another replica runs it.
+    #[oai(status = 503)]
+    Unavailable(ErrorJson, #[oai(header = "Retry-After")] u64),
     /// The daemon failed; not caused by the request.
     #[oai(status = 500)]
     Internal(ErrorJson),

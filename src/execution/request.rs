@@ -129,6 +129,14 @@ pub enum ExecuteError {
     /// The client went away while the submission was queued; it never ran.
     #[error("the client went away while the submission waited for a slot")]
     Abandoned,
+    /// The daemon is shutting down: the submission was not admitted (`killed` false), or
+    /// it was running when the shutdown grace period ended and was killed.
+    #[error("{}", if *killed {
+        "the daemon is shutting down: the run was still going when the shutdown grace period ended and was killed; send it again (another replica will run it)"
+    } else {
+        "the daemon is shutting down and takes no new submissions; send it again (another replica will run it)"
+    })]
+    ShuttingDown { killed: bool },
     /// The sandbox failed (never because of the request); the cause is kept for the log.
     #[error("internal error: {0}")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),

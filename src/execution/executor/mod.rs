@@ -148,6 +148,12 @@ pub struct Executor {
     /// Why the last zygote that could not start failed, for `/health` (cleared when one
     /// starts again).
     zygote_start_error: Mutex<Option<String>>,
+    /// Cancelled when the daemon starts to drain: no new submission is admitted, queued
+    /// ones are answered at once, running ones go on.
+    draining: tokio_util::sync::CancellationToken,
+    /// Cancelled when the drain's grace period is over: what still runs is killed and
+    /// answered as killed by the shutdown.
+    killing: tokio_util::sync::CancellationToken,
 }
 
 impl Executor {
@@ -200,6 +206,8 @@ impl Executor {
             zygote_max_runs: sandbox.zygote_max_runs,
             zygote_max_age: std::time::Duration::from_secs(sandbox.zygote_max_age_secs),
             zygote_start_error: Mutex::new(None),
+            draining: tokio_util::sync::CancellationToken::new(),
+            killing: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -255,6 +263,31 @@ impl Executor {
         self.admission.retired()
     }
 
+    /// Start draining (SIGTERM, SIGINT): `/ready` turns 503, new and queued submissions
+    /// are refused with [`ExecuteError::ShuttingDown`], running ones finish.
+    pub fn begin_drain(&self) {
+        self.draining.cancel();
+    }
+
+    /// Whether the daemon is draining.
+    pub fn draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Wait until nothing runs or waits (the drain is complete).
+    pub async fn wait_idle(&self) {
+        while self.running() > 0 || self.waiting() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The grace period is over: kill every running stage; each such submission is
+    /// answered [`ExecuteError::ShuttingDown`] with `killed` set.
+    pub fn kill_running(&self) {
+        self.draining.cancel();
+        self.killing.cancel();
+    }
+
     /// Run `/bin/true` through the default backend, so a host where the sandbox cannot work
     /// (no user namespaces, a blocking seccomp profile) fails at start-up, not per request.
     pub async fn self_test(self: &Arc<Self>) -> Result<(), ExecutorError> {
@@ -291,9 +324,16 @@ impl Executor {
         abandoned: impl std::future::Future<Output = ()>,
     ) -> Result<ExecutionReport, ExecuteError> {
         let arrived = Instant::now();
+        if self.draining() {
+            return Err(ExecuteError::ShuttingDown { killed: false });
+        }
         let lease = tokio::select! {
             lease = self.admission.acquire() => lease?,
             () = abandoned => return Err(ExecuteError::Abandoned),
+            // A queued submission is answered at once: another replica can take it now.
+            () = self.draining.cancelled() => {
+                return Err(ExecuteError::ShuttingDown { killed: false });
+            }
         };
         self.observer.admitted(arrived.elapsed());
         self.run_in_slot(request, lease, true).await
@@ -316,23 +356,46 @@ impl Executor {
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             // In a task of its own, so that even a panic in the stages still reaches the
             // clean-up below: the slot is reset (or retired), never handed out dirty.
-            let stages = tokio::spawn({
+            let mut stages = tokio::spawn({
                 let (this, request, index) = (Arc::clone(&this), request.clone(), lease.index);
                 async move { this.run_stages(&request, index).await }
             });
-            let report = stages.await.unwrap_or_else(|e| {
+            let stages_failed = |e: tokio::task::JoinError| {
                 tracing::error!(error = %e, "the stages of a run failed");
                 ExecutionReport {
                     compile: None,
                     run: Some(StageReport::internal("the stages failed", request.limits)),
                 }
-            });
+            };
+            let report = tokio::select! {
+                biased;
+                joined = &mut stages => Ok(joined.unwrap_or_else(stages_failed)),
+                () = this.killing.cancelled() => Err(()),
+            };
+            let report = match report {
+                Ok(report) => report,
+                Err(()) => {
+                    // The shutdown grace period is over: answer first, then kill.
+                    tracing::warn!(slot = lease.index, runtime = %runtime,
+                        "killing a run at the end of the shutdown grace period");
+                    let _ = tx.send(Err(ExecuteError::ShuttingDown { killed: true }));
+                    if let Some(slot) = this.slots.slots.get(lease.index) {
+                        slot.kill_everything();
+                    }
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stages).await;
+                    this.in_flight
+                        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    // The daemon is exiting: the slot is removed with the pool, not reused.
+                    lease.retire();
+                    return;
+                }
+            };
             this.in_flight
                 .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             if observe {
                 this.observer.finished(&runtime, &report, started.elapsed());
             }
-            let _ = tx.send(report);
+            let _ = tx.send(Ok(report));
             // The slot's next sandbox suits what it just ran: warm for a warm runtime,
             // plain (any runtime's command) otherwise. The start-up self-test (not
             // observed) leaves the slot as it was.
@@ -374,7 +437,7 @@ impl Executor {
                 }
             }
         });
-        rx.await.map_err(|e| ExecuteError::Internal(Box::new(e)))
+        rx.await.map_err(|e| ExecuteError::Internal(Box::new(e)))?
     }
 
     /// Give every idle slot a prepared sandbox (at start-up; afterwards each run prepares

@@ -142,6 +142,21 @@ impl Slot {
     }
 }
 
+impl Slot {
+    /// Kill whatever the slot runs now, at shutdown: its launcher (whose death takes the
+    /// stage with it, by PDEATHSIG and the pid namespace) and anything left in its cgroup.
+    /// Starts no new launcher.
+    pub(crate) fn kill_everything(&self) {
+        let launcher = self.launcher.lock().ok().and_then(|mut g| g.take());
+        if let Some(cg) = &self.cgroup {
+            cg.kill_all(launcher.as_ref().and_then(|l| l.pid()));
+        }
+        if let Some(l) = launcher {
+            l.terminate();
+        }
+    }
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

@@ -190,7 +190,10 @@ impl Launcher {
             .env_clear()
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit());
+            .stderr(std::process::Stdio::inherit())
+            // A process group of its own: a signal to the daemon's group (Ctrl-C in a
+            // terminal, `kill -- -PGID`) must not reach the slots; the daemon drains them.
+            .process_group(0);
         // SAFETY: only async-signal-safe calls on descriptors opened before the fork.
         unsafe {
             command.pre_exec(move || {

@@ -21,6 +21,15 @@ pub fn launcher_main() -> ! {
     // against the slot uid's process limit in the slot's next run.
     // SAFETY: prctl with plain integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    // Stopping is the daemon's decision, never a stray signal's: SIGINT, SIGTERM, SIGHUP
+    // and SIGQUIT sent to a whole cgroup or session (systemd's `KillMode=control-group`, a
+    // terminal) would otherwise kill the launcher and lose its running stage. The daemon
+    // ends a launcher by closing its socket or with SIGKILL; PDEATHSIG still fires. Each
+    // stage gets default dispositions back before exec (`prepare_child`).
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        // SAFETY: installing SIG_IGN, no handler code runs.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
+    }
     // The socket must never reach a stage (bubblewrap passes inherited descriptors on).
     // SAFETY: fcntl on our own descriptor.
     unsafe { libc::fcntl(SOCKET_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
