@@ -1,6 +1,7 @@
 # mixed-docker-executor: the daemon plus the toolchains of the runtimes in runtimes.toml.
 #
-# Build:  docker build -t mixed-docker-executor .
+# Build:  docker build -t mixed-docker-executor .                      # full: every runtime
+#         docker build --target slim -t mixed-docker-executor:slim .    # python3 only
 # Run (see docker/README.md for what each flag is for and what is lost without it):
 #
 #   docker run --rm -p 8000:8000 \
@@ -9,15 +10,15 @@
 #     --security-opt systempaths=unconfined \
 #     --cap-add SYS_ADMIN \
 #     --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
-#     --stop-timeout 20 \
-#     -v "$(pwd)/host_code:/usr/src/app/host_code" \
+#     --stop-timeout 25 \
+#     -v "$(pwd)/host_code:/srv/mixed-docker-executor/host_code:ro" \
 #     mixed-docker-executor
 #
 # Development only, no isolation at all (the daemon warns in its log and in /health):
 #
 #   docker run --rm -p 8000:8000 -e MDE_SANDBOX__BACKEND=process mixed-docker-executor
 #
-# Written without a Docker engine to build or run it: see docker/README.md.
+# Built and run with podman (runc) as docker/README.md says; the same flags work with docker.
 
 # ---------------------------------------------------------------------------------------
 # Build stage: the official Rust image (Debian bookworm, current stable Rust; the crate
@@ -43,39 +44,28 @@ RUN touch src/main.rs src/lib.rs \
     && cp target/release/mixed-docker-executor /mixed-docker-executor
 
 # ---------------------------------------------------------------------------------------
-# Runtime stage: bubblewrap and the toolchains, from Debian bookworm's packages.
+# `slim`: the daemon, bubblewrap and python3 (the default runtime) only. The other
+# runtimes of runtimes.toml are listed as unavailable (not installed) in
+# /api/v1/runtimes, and requests for them get 422 runtime_unavailable.
 # ---------------------------------------------------------------------------------------
-FROM debian:bookworm-slim
+FROM debian:bookworm-slim AS slim
 
-# The slim image drops /usr/share/man; openjdk's postinst registers man pages with
-# update-alternatives and fails without the directory.
-RUN mkdir -p /usr/share/man/man1 \
-    && apt-get update \
+RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         bubblewrap \
         ca-certificates \
         python3 \
-        nodejs \
-        bash \
-        perl \
-        ruby \
-        php-cli \
-        lua5.4 \
-        gcc \
-        g++ \
-        libc6-dev \
-        default-jdk-headless \
-        rustc \
-        golang-go \
     && rm -rf /var/lib/apt/lists/*
 
 # The binary keeps its name: the per-slot launchers re-execute it by that name.
 COPY --from=build /mixed-docker-executor /usr/local/bin/mixed-docker-executor
 COPY runtimes.toml /etc/mixed-docker-executor/runtimes.toml
-# As in the original service, code lives in /usr/src/app/host_code (usually a bind mount
-# over this copy of the examples).
-COPY host_code/ /usr/src/app/host_code/
-WORKDIR /usr/src/app
+# The operator's files live outside every path the sandbox binds (/usr, a few files of
+# /etc, the runtimes' own `ro_binds`): not /usr/src/app as in the original service, where
+# every submission could list and read them. host_code is usually a bind mount over this
+# copy of the examples; tests/container_setup.rs checks a file there is invisible to a run.
+COPY host_code/ /srv/mixed-docker-executor/host_code/
+WORKDIR /srv/mixed-docker-executor
 
 # Listen on every interface of the container (the daemon's own default is 127.0.0.1),
 # and read the runtimes file installed above (it is reloaded on SIGHUP or when it changes).
@@ -100,7 +90,8 @@ ENV MDE_SERVER__HOST=0.0.0.0 \
 # (--security-opt seccomp=docker/seccomp-bwrap.json), no docker-default AppArmor profile,
 # which denies mount (--security-opt apparmor=unconfined), and an unmasked /proc, or the
 # kernel refuses the sandbox's own /proc mount (--security-opt systempaths=unconfined).
-# --privileged would grant all of this and much more; it is not needed.
+# --privileged would grant all of this and much more; it is not needed. Without them the
+# daemon refuses to start and names the missing permission and the flag that grants it.
 
 EXPOSE 8000
 
@@ -109,7 +100,34 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
-# SIGTERM (docker stop) starts a graceful shutdown: in-flight executions get up to
-# MDE_SERVER__SHUTDOWN_GRACE_SECONDS (15 by default), then the daemon removes its slot
-# cgroups and tmpfs mounts. Docker's default stop timeout is 10 s, hence --stop-timeout 20.
+# SIGTERM (docker stop) starts the drain: /ready turns 503, new submissions get 503
+# shutting_down with Retry-After, in-flight executions get MDE_SERVER__SHUTDOWN_GRACE_SECONDS
+# (15 by default), then what is left is killed and the daemon removes its slot cgroups and
+# tmpfs mounts. Docker's default stop timeout is 10 s, hence --stop-timeout 25.
+STOPSIGNAL SIGTERM
 CMD ["mixed-docker-executor"]
+
+# ---------------------------------------------------------------------------------------
+# `full` (the default target): slim plus the toolchains of every runtime in runtimes.toml,
+# from Debian bookworm's packages.
+# ---------------------------------------------------------------------------------------
+FROM slim AS full
+
+# The slim image drops /usr/share/man; openjdk's postinst registers man pages with
+# update-alternatives and fails without the directory.
+RUN mkdir -p /usr/share/man/man1 \
+    && apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        nodejs \
+        bash \
+        perl \
+        ruby \
+        php-cli \
+        lua5.4 \
+        gcc \
+        g++ \
+        libc6-dev \
+        default-jdk-headless \
+        rustc \
+        golang-go \
+    && rm -rf /var/lib/apt/lists/*

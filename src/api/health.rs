@@ -147,7 +147,7 @@ impl HealthApi {
         }
         if !info.sized_workdir {
             warnings
-                .push("the work dir is not a sized tmpfs: its total size is not limited".into());
+                .push("the work dir is not a sized tmpfs: its total size is not limited (mounting it needs CAP_SYS_ADMIN: `--cap-add SYS_ADMIN` in a container)".into());
         }
         if let crate::execution::MemoryEnforcement::AddressSpace { reason } = &info.memory {
             warnings.push(format!("memory is limited by RLIMIT_AS only ({reason})"));

@@ -102,11 +102,53 @@ pub enum ExecutorError {
     NoPreparedSandboxes,
     #[error("the prepared sandbox did not take its command")]
     HandOverFailed,
-    #[error("the {backend} sandbox does not work on this host: {detail}")]
+    #[error("the {backend} sandbox does not work on this host: {detail}; {remedy}")]
     SelfTest {
         backend: &'static str,
         detail: String,
+        /// What is missing and which flag or setting grants it (see [`remedy`]).
+        remedy: String,
     },
+}
+
+/// Opting out, said after every remedy.
+const OPT_OUT: &str = "or, for development only and with no isolation at all, opt out with \
+    MDE_SANDBOX__BACKEND=process (see docker/README.md)";
+
+/// What a failed sandbox self-test lacks, from bubblewrap's words, and the flag or setting
+/// that grants it (docker and podman flags, the Kubernetes field, the host setting).
+pub(crate) fn remedy(detail: &str) -> String {
+    let lacking = if detail.contains("Can't mount proc") {
+        "missing permission: mounting a fresh /proc for the sandbox's pid namespace, which the \
+         kernel refuses while parts of the container's /proc are masked or read-only; grant it \
+         with `--security-opt systempaths=unconfined` (docker, podman; compose \
+         `security_opt: [systempaths=unconfined]`) or `securityContext.procMount: Unmasked` \
+         (Kubernetes, with `hostUsers: false`)"
+    } else if detail.contains("pivot_root") || detail.contains("hostname") {
+        "missing permission: the pivot_root or sethostname system call, denied by the \
+         container's seccomp profile (the default profiles of docker and podman deny both); \
+         grant it with `--security-opt seccomp=docker/seccomp-bwrap.json` (docker, \
+         podman) or `seccompProfile: {type: Localhost, localhostProfile: mde-bwrap.json}` \
+         (Kubernetes, the same file on each node)"
+    } else if detail.contains("namespace") || detail.contains("uid map") {
+        "missing permission: creating user namespaces (unshare, clone with namespace flags), \
+         denied by the container's seccomp profile or by the host; grant it with \
+         `--security-opt seccomp=docker/seccomp-bwrap.json` (docker, podman; Kubernetes: the \
+         Localhost seccomp profile), and on the host `sysctl user.max_user_namespaces=15000` \
+         (older Debian: `kernel.unprivileged_userns_clone=1`; Ubuntu 23.10+: \
+         `kernel.apparmor_restrict_unprivileged_userns=0`)"
+    } else if detail.contains("Permission denied") || detail.contains("Operation not permitted") {
+        "missing permission: mounting inside the sandbox (bubblewrap's binds, tmpfs, /proc), \
+         denied by a security profile; check, in this order: `--security-opt \
+         apparmor=unconfined` (docker, podman; Kubernetes `appArmorProfile: {type: \
+         Unconfined}`), `--security-opt seccomp=docker/seccomp-bwrap.json`, `--security-opt \
+         systempaths=unconfined`, and on SELinux hosts `--security-opt label=disable`"
+    } else {
+        "the container needs `--security-opt seccomp=docker/seccomp-bwrap.json --security-opt \
+         apparmor=unconfined --security-opt systempaths=unconfined --cap-add SYS_ADMIN` \
+         (docker/README.md explains each)"
+    };
+    format!("{lacking}; {OPT_OUT}")
 }
 
 /// What an idle slot keeps for its next run.
@@ -298,9 +340,8 @@ impl Executor {
         let report = self.run_in_slot(request, lease, false).await.ok();
         match report.and_then(|r| r.run) {
             Some(run) if run.status == StageStatus::Ok => Ok(()),
-            run => Err(ExecutorError::SelfTest {
-                backend: self.backend.as_str(),
-                detail: run.map_or_else(
+            run => {
+                let detail = run.map_or_else(
                     || "no result".into(),
                     |run| {
                         format!(
@@ -309,8 +350,13 @@ impl Executor {
                             String::from_utf8_lossy(&run.stderr).trim()
                         )
                     },
-                ),
-            }),
+                );
+                Err(ExecutorError::SelfTest {
+                    backend: self.backend.as_str(),
+                    remedy: remedy(&detail),
+                    detail,
+                })
+            }
         }
     }
 

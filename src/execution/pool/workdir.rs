@@ -250,7 +250,9 @@ pub(super) fn mount_tmpfs(dir: &Path, bytes: u64) -> Result<bool, PoolError> {
         tracing::warn!(
             dir = %dir.display(),
             error = %std::io::Error::last_os_error(),
-            "cannot mount a sized tmpfs; the work dir size is not enforced"
+            "cannot mount a sized tmpfs; the work dir size is not enforced (mounting needs \
+             CAP_SYS_ADMIN: `--cap-add SYS_ADMIN` for docker and podman, \
+             `capabilities.add: [SYS_ADMIN]` in Kubernetes)"
         );
         return Ok(false);
     }
