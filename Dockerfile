@@ -10,7 +10,7 @@
 #     --security-opt systempaths=unconfined \
 #     --cap-add SYS_ADMIN \
 #     --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
-#     --stop-timeout 25 \
+#     --stop-timeout 30 \
 #     -v "$(pwd)/host_code:/srv/mixed-docker-executor/host_code:ro" \
 #     mixed-docker-executor
 #
@@ -103,7 +103,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
 # SIGTERM (docker stop) starts the drain: /ready turns 503, new submissions get 503
 # shutting_down with Retry-After, in-flight executions get MDE_SERVER__SHUTDOWN_GRACE_SECONDS
 # (15 by default), then what is left is killed and the daemon removes its slot cgroups and
-# tmpfs mounts. Docker's default stop timeout is 10 s, hence --stop-timeout 25.
+# tmpfs mounts. Docker's default stop timeout is 10 s, hence --stop-timeout 30.
 STOPSIGNAL SIGTERM
 CMD ["mixed-docker-executor"]
 
