@@ -41,7 +41,7 @@ COPY src ./src
 # placeholder build: touch the crate roots so cargo rebuilds the crate itself.
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked \
-    && cp target/release/mixed-docker-executor /mixed-docker-executor
+    && cp target/release/mixed-docker-executor target/release/libmixed_docker_executor.so /
 
 # ---------------------------------------------------------------------------------------
 # `slim`: the daemon, bubblewrap and python3 (the default runtime) only. The other
@@ -59,6 +59,8 @@ RUN apt-get update \
 
 # The binary keeps its name: the per-slot launchers re-execute it by that name.
 COPY --from=build /mixed-docker-executor /usr/local/bin/mixed-docker-executor
+# The fork-server library python's zygotes load; the daemon looks for it next to itself.
+COPY --from=build /libmixed_docker_executor.so /usr/local/bin/libmixed_docker_executor.so
 COPY runtimes.toml /etc/mixed-docker-executor/runtimes.toml
 # The operator's files live outside every path the sandbox binds (/usr, a few files of
 # /etc, the runtimes' own `ro_binds`): not /usr/src/app as in the original service, where

@@ -182,6 +182,8 @@ pub struct Executor {
     process: ProcessBackend,
     backend: BackendKind,
     sandbox_path: String,
+    /// bubblewrap itself, for the self-test's diagnosis.
+    bwrap_path: PathBuf,
     queue: usize,
     observer: Arc<dyn ExecutionObserver>,
     zygote_support: ZygoteSupport,
@@ -242,6 +244,7 @@ impl Executor {
             process: ProcessBackend,
             backend: sandbox.backend,
             sandbox_path: sandbox.path.clone(),
+            bwrap_path: sandbox.bwrap_path.clone(),
             queue: opts.queue_size,
             observer,
             zygote_support,
@@ -351,6 +354,12 @@ impl Executor {
                         )
                     },
                 );
+                // A sandbox that died before it took its command reports no words of
+                // bubblewrap's: ask bubblewrap itself, so the remedy can name what lacks.
+                let detail = match self.diagnose_bwrap(&detail).await {
+                    Some(words) => format!("{detail}: {words}"),
+                    None => detail,
+                };
                 Err(ExecutorError::SelfTest {
                     backend: self.backend.as_str(),
                     remedy: remedy(&detail),
@@ -358,6 +367,49 @@ impl Executor {
                 })
             }
         }
+    }
+
+    /// bubblewrap's own error for a minimal sandbox with the namespaces, `/proc`, hostname
+    /// and pivot_root the real ones use, when `detail` does not already carry one.
+    async fn diagnose_bwrap(&self, detail: &str) -> Option<String> {
+        if self.backend != BackendKind::Bwrap || detail.contains("bwrap:") {
+            return None;
+        }
+        let mut cmd = tokio::process::Command::new(&self.bwrap_path);
+        cmd.args([
+            "--unshare-all",
+            "--die-with-parent",
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+            "--symlink",
+            "usr/lib64",
+            "/lib64",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--hostname",
+            "sandbox",
+            "--",
+            "/usr/bin/true",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+        let out = tokio::time::timeout(std::time::Duration::from_secs(10), cmd.output())
+            .await
+            .ok()?
+            .ok()?;
+        let words = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        (!out.status.success() && !words.is_empty()).then_some(words)
     }
 
     /// Admit, run every stage, and report. The stages run in their own task, so a client
