@@ -209,8 +209,9 @@ def check_promises(docs):
                            ("seccomp-bwrap.json", "docker/seccomp-bwrap.json")]:
         with open(os.path.join(BASE, copy), "rb") as a, open(os.path.join(ROOT, original), "rb") as b:
             if a.read() != b.read():
-                fail(f"deploy/kubernetes/{copy} differs from {original}: copy it again "
-                     "(kustomize reads no file outside its directory)")
+                fail(f"deploy/kubernetes/{copy} differs from {original}: "
+                     f"`cp {original} deploy/kubernetes/{copy}` (kustomize reads no file "
+                     "outside its directory, so the base keeps a copy)")
     with open(os.path.join(BASE, "config.toml"), "rb") as f:
         config = tomllib.load(f)
     dep = one(docs, "Deployment")
