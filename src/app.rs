@@ -33,14 +33,36 @@ fn executor_options(settings: &Settings) -> ExecutorOptions {
         max_queue_wait: std::time::Duration::from_millis(settings.execution.max_queue_wait_ms),
         work_root: settings.execution.work_root.clone(),
         workdir_bytes: settings.limits.workdir_bytes,
-        max_limits: settings.max_limits,
+        // Sandboxes are set up before they know their stage: under the ceiling of any stage,
+        // run or compile (each stage's helper lowers them to its own limits).
+        max_limits: settings.max_limits.max(&settings.max_compile_limits),
         sandbox: settings.sandbox.clone(),
+        compile_cache_bytes: settings
+            .compile_cache
+            .enabled
+            .then_some(settings.compile_cache.max_bytes),
     }
 }
 
 /// Descriptors the daemon keeps for itself beyond connections (slots' pipes, cgroup files,
 /// the runtimes file, logs).
 const OWN_DESCRIPTORS: u64 = 256;
+
+/// What a reload of `runtimes.toml` tells: the metrics, and the executor (whose compile
+/// cache drops the outputs of runtimes the new file defines differently).
+struct ReloadHooks {
+    metrics: Arc<Metrics>,
+    executor: Arc<Executor>,
+}
+
+impl ReloadObserver for ReloadHooks {
+    fn reloaded(&self, result: Result<&runtimes::RuntimeSet, &str>) {
+        if let Ok(set) = result {
+            self.executor.runtimes_changed(&set.runtimes);
+        }
+        self.metrics.reloaded(result);
+    }
+}
 
 pub struct App {
     pub state: AppState,
@@ -67,9 +89,12 @@ impl App {
         let registry = RuntimeRegistry::new(set);
         let observer: Arc<dyn ExecutionObserver> = metrics.clone();
         let executor = Executor::new(executor_options(&settings), observer)?;
-        let reload_observer: Arc<dyn ReloadObserver> = metrics.clone();
-        let reloader = Reloader::new(Arc::clone(&settings), registry.clone(), reload_observer);
         let executor = Arc::new(executor);
+        let reload_observer: Arc<dyn ReloadObserver> = Arc::new(ReloadHooks {
+            metrics: Arc::clone(&metrics),
+            executor: Arc::clone(&executor),
+        });
+        let reloader = Reloader::new(Arc::clone(&settings), registry.clone(), reload_observer);
         let default_runtime = registry.snapshot().resolve(None, None).ok();
         executor.prepare_idle_slots(default_runtime).await;
         Ok(App {

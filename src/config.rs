@@ -41,6 +41,19 @@ pub struct Settings {
     pub max_limits: Limits,
     /// Limits for compile stages (compilers need more than the programs they build).
     pub compile_limits: Limits,
+    /// The most a request's `compile_limits` (or a runtime's compile limits) may ask for.
+    pub max_compile_limits: Limits,
+    pub compile_cache: CompileCacheSettings,
+}
+
+/// The compile cache: compiled outputs kept in the daemon's memory, keyed by a SHA-256 of
+/// everything that goes into a compile (see `execution/compile_cache.rs`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompileCacheSettings {
+    pub enabled: bool,
+    /// Bytes of compile outputs kept at most; the least recently used go first.
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -98,6 +111,12 @@ pub struct ExecutionSettings {
     pub work_root: PathBuf,
     /// The longest a submission waits in the queue; then it is answered 429 busy.
     pub max_queue_wait_ms: u64,
+    /// Tests in one batch (`tests` of `POST /api/v1/execute`) at most.
+    pub max_batch_tests: usize,
+    /// Bytes of stdin, args and expected outputs of all tests of a batch together, at most.
+    pub max_batch_input_bytes: u64,
+    /// The longest a batch may run, all tests together (a request may ask for less).
+    pub max_batch_wall_time_ms: u64,
 }
 
 /// How log lines are written.
@@ -172,6 +191,17 @@ impl Default for Settings {
             limits: Limits::default_run(),
             max_limits: Limits::default_max(),
             compile_limits: Limits::default_compile(),
+            max_compile_limits: Limits::default_max_compile(),
+            compile_cache: CompileCacheSettings::default(),
+        }
+    }
+}
+
+impl Default for CompileCacheSettings {
+    fn default() -> Self {
+        CompileCacheSettings {
+            enabled: true,
+            max_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -213,6 +243,9 @@ impl Default for ExecutionSettings {
             queue_size: 64,
             work_root: std::env::temp_dir(),
             max_queue_wait_ms: 60_000,
+            max_batch_tests: 100,
+            max_batch_input_bytes: 16 * 1024 * 1024,
+            max_batch_wall_time_ms: 300_000,
         }
     }
 }
@@ -375,7 +408,8 @@ impl Settings {
                 "must be at least server.max_body_bytes (and at most 1 TiB)",
             ));
         }
-        let largest = Limits::answer_bytes_at_most(&self.max_limits, Some(&self.compile_limits));
+        let largest =
+            Limits::answer_bytes_at_most(&self.max_limits, Some(&self.max_compile_limits));
         if s.max_inflight_response_bytes < largest || s.max_inflight_response_bytes > 1 << 40 {
             return Err(invalid(
                 "server.max_inflight_response_bytes",
@@ -405,6 +439,35 @@ impl Settings {
         self.limits.validate("limits")?;
         self.max_limits.validate("max_limits")?;
         self.compile_limits.validate("compile_limits")?;
+        self.max_compile_limits.validate("max_compile_limits")?;
+        if let Some(name) = self
+            .compile_limits
+            .first_exceeding(&self.max_compile_limits)
+        {
+            return Err(invalid(
+                format!("compile_limits.{name}"),
+                format!("is above max_compile_limits.{name}"),
+            ));
+        }
+        let e = &self.execution;
+        if !(1..=10_000).contains(&e.max_batch_tests) {
+            return Err(invalid("execution.max_batch_tests", "must be 1 to 10000"));
+        }
+        if !(1..=1 << 30).contains(&e.max_batch_input_bytes) {
+            return Err(invalid(
+                "execution.max_batch_input_bytes",
+                "must be 1 to 1073741824",
+            ));
+        }
+        if !(100..=86_400_000).contains(&e.max_batch_wall_time_ms) {
+            return Err(invalid(
+                "execution.max_batch_wall_time_ms",
+                "must be 100 to 86400000 (milliseconds)",
+            ));
+        }
+        if self.compile_cache.max_bytes > 1 << 40 {
+            return Err(invalid("compile_cache.max_bytes", "must be at most 1 TiB"));
+        }
         if let Some(name) = self.limits.first_exceeding(&self.max_limits) {
             return Err(invalid(
                 format!("limits.{name}"),

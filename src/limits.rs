@@ -120,6 +120,11 @@ macro_rules! limit_fields {
             pub fn min(self, other: &Limits) -> Limits {
                 Limits { $($field: self.$field.min(other.$field)),* }
             }
+
+            /// Field-wise maximum.
+            pub fn max(self, other: &Limits) -> Limits {
+                Limits { $($field: self.$field.max(other.$field)),* }
+            }
         }
 
         impl LimitsOverride {
@@ -181,6 +186,21 @@ impl Limits {
             open_files: 1024,
             output_bytes: MIB,
             workdir_bytes: 256 * MIB,
+        }
+    }
+
+    /// The most a request's `compile_limits` may ask for (a compiler may need more than
+    /// the programs it builds, but still within bounds).
+    pub fn default_max_compile() -> Limits {
+        Limits {
+            wall_time_ms: 120_000,
+            cpu_time_ms: 120_000,
+            memory_bytes: 2048 * MIB,
+            processes: 256,
+            file_size_bytes: 256 * MIB,
+            open_files: 4096,
+            output_bytes: 4 * MIB,
+            workdir_bytes: 512 * MIB,
         }
     }
 

@@ -12,7 +12,7 @@ use prometheus::{
 
 use crate::error_code::ErrorCode;
 use crate::execution::{
-    ExecutionObserver, ExecutionReport, StageStatus, StartKind, ZYGOTE_RESTART_REASONS,
+    CacheEvent, ExecutionObserver, ExecutionReport, StageStatus, StartKind, ZYGOTE_RESTART_REASONS,
 };
 use crate::runtimes::RuntimeSet;
 use crate::runtimes::reload::ReloadObserver;
@@ -75,6 +75,10 @@ pub struct Metrics {
     runtime_available: GaugeVec,
     reloads: IntCounterVec,
     last_reload_ok: Gauge,
+    compiles: IntCounterVec,
+    cache_events: IntCounterVec,
+    cache_bytes: IntGauge,
+    cache_entries: IntGauge,
 }
 
 fn exponential(start: f64, factor: f64, count: usize) -> Vec<f64> {
@@ -235,6 +239,35 @@ impl Metrics {
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(last_reload_ok.clone()))?;
         registry.register(Box::new(build_info))?;
+        let compiles = IntCounterVec::new(
+            Opts::new(
+                "mde_compiles_total",
+                "Compile stages run (not those the compile cache answered), by runtime and outcome",
+            ),
+            &["runtime", "outcome"],
+        )?;
+        let cache_events = IntCounterVec::new(
+            Opts::new(
+                "mde_compile_cache_events_total",
+                "Compile cache lookups and evictions, by event (hit, miss, evicted)",
+            ),
+            &["event"],
+        )?;
+        for event in ["hit", "miss", "evicted"] {
+            cache_events.with_label_values(&[event]);
+        }
+        let cache_bytes = IntGauge::new(
+            "mde_compile_cache_bytes",
+            "Bytes of compile outputs the compile cache holds",
+        )?;
+        let cache_entries = IntGauge::new(
+            "mde_compile_cache_entries",
+            "Compile outputs the compile cache holds",
+        )?;
+        registry.register(Box::new(compiles.clone()))?;
+        registry.register(Box::new(cache_events.clone()))?;
+        registry.register(Box::new(cache_bytes.clone()))?;
+        registry.register(Box::new(cache_entries.clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -258,6 +291,10 @@ impl Metrics {
             runtime_available,
             reloads,
             last_reload_ok,
+            compiles,
+            cache_events,
+            cache_bytes,
+            cache_entries,
         }))
     }
 
@@ -284,6 +321,12 @@ impl Metrics {
                 for reason in ZYGOTE_RESTART_REASONS {
                     self.zygote_restarts
                         .with_label_values(&[runtime.name.as_str(), reason]);
+                }
+            }
+            if runtime.compile.is_some() {
+                for status in [StageStatus::Ok, StageStatus::CompileError] {
+                    self.compiles
+                        .with_label_values(&[runtime.name.as_str(), status.as_str()]);
                 }
             }
             for status in StageStatus::ALL {
@@ -341,6 +384,28 @@ pub struct Load {
 impl ExecutionObserver for Metrics {
     fn admitted(&self, wait: Duration) {
         self.queue_wait.observe(wait.as_secs_f64());
+    }
+
+    fn compiled(&self, runtime: &str, status: StageStatus) {
+        self.compiles
+            .with_label_values(&[runtime, status.as_str()])
+            .inc();
+    }
+
+    fn compile_cache(&self, event: CacheEvent) {
+        let (label, n) = match event {
+            CacheEvent::Hit => ("hit", 1),
+            CacheEvent::Miss => ("miss", 1),
+            CacheEvent::Evicted(n) => ("evicted", n),
+        };
+        self.cache_events.with_label_values(&[label]).inc_by(n);
+    }
+
+    fn compile_cache_size(&self, bytes: u64, entries: usize) {
+        self.cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 
     fn finished(&self, runtime: &str, report: &ExecutionReport, elapsed: Duration) {

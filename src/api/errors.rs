@@ -120,8 +120,11 @@ pub(super) const REQUEST_TYPES: &[(&str, &str, &str)] = &[
     ("ExecuteRequest", "", "a JSON object"),
     ("SubmitCodeRequest", "", "a JSON object"),
     ("RequestLimits", "`limits`", "a JSON object"),
+    ("CompileLimits", "`compile_limits`", "a JSON object"),
     ("FileInput", "an item of `files`", "a JSON object"),
     ("list_FileInput", "`files`", "a list of file objects"),
+    ("TestInput", "an item of `tests`", "a JSON object"),
+    ("list_TestInput", "`tests`", "a list of test objects"),
     ("Encoding", "`encoding`", "`utf8` or `base64`"),
 ];
 

@@ -659,7 +659,9 @@ fn parse_request(set: &RuntimeSet, bytes: &[u8]) -> Result<ExecutionRequest, Ref
         };
         let name = name.unwrap_or_else(|| {
             if i == entry_index {
-                runtime.file_name.clone()
+                // The entry is utf8: its text is its content (Java: named after its class).
+                let text = file.get("content").and_then(Value::as_str);
+                runtime.file_name_for(text.unwrap_or_default().as_bytes())
             } else {
                 format!("file{i}.code")
             }
@@ -1508,6 +1510,7 @@ mod tests {
         let report = ExecutionReport {
             compile: Some(compile),
             run: None,
+            compile_cached: false,
         };
         let response = to_response(&runtime, &report);
         assert_eq!(Some(&response.run), response.compile.as_ref());

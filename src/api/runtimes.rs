@@ -45,6 +45,8 @@ pub struct RuntimeInfo {
     pub max_limits: Limits,
     /// Limits of the compile stage, for compiled runtimes.
     pub compile_limits: Option<Limits>,
+    /// The most a request's `compile_limits` may ask for, for compiled runtimes.
+    pub max_compile_limits: Option<Limits>,
 }
 
 /// How a runtime's run stages start.
@@ -102,6 +104,7 @@ impl RuntimesApi {
                     limits: r.limits,
                     max_limits: r.max_limits,
                     compile_limits: r.compile.as_ref().map(|_| r.compile_limits),
+                    max_compile_limits: r.compile.as_ref().map(|_| r.max_compile_limits),
                 })
                 .collect(),
         ))

@@ -43,8 +43,11 @@ fn the_request_types_are_named_as_poem_openapi_names_them() {
         ExecuteRequest::name(),
         SubmitCodeRequest::name(),
         RequestLimits::name(),
+        super::v1::CompileLimits::name(),
         FileInput::name(),
         <Vec<FileInput>>::name(),
+        super::v1::batch::TestInput::name(),
+        <Vec<super::v1::batch::TestInput>>::name(),
         Encoding::name(),
     ];
     let table: Vec<&str> = REQUEST_TYPES.iter().map(|(n, _, _)| *n).collect();

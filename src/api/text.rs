@@ -169,6 +169,8 @@ named_parsers! {
     stdin: optional("stdin") -> Option<Text>;
     expected_output: optional("expected_output") -> Option<Text>;
     file_name: optional("name") -> Option<Text>;
+    test_name: optional("name") -> Option<Text>;
+    batch_wall_time_ms: optional_u64("batch_wall_time_ms") -> Option<u64>;
     file_content: required("content") -> Text;
     args: optional_list("args") -> Option<Vec<Text>>;
     wall_time_ms: optional_u64("wall_time_ms") -> Option<u64>;

@@ -3,7 +3,18 @@
 
 use std::time::Duration;
 
-use super::ExecutionReport;
+use super::{ExecutionReport, StageStatus};
+
+/// What happened in the compile cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheEvent {
+    /// A compile's result was found and its compile skipped.
+    Hit,
+    /// No result was kept for the compile: it runs.
+    Miss,
+    /// This many entries were dropped (for room, or because their runtime changed).
+    Evicted(u64),
+}
 
 ///
 /// Counts of running and waiting executions are not hooks: the executor knows them exactly
@@ -19,6 +30,11 @@ pub trait ExecutionObserver: Send + Sync {
     /// A slot's zygote of `runtime` was replaced (or could not start), for `reason`, one of
     /// [`ZYGOTE_RESTART_REASONS`].
     fn zygote_restarted(&self, _runtime: &str, _reason: &'static str) {}
+    /// A compile stage ran (not one whose result came from the cache).
+    fn compiled(&self, _runtime: &str, _status: StageStatus) {}
+    fn compile_cache(&self, _event: CacheEvent) {}
+    /// The cache now holds `bytes` in `entries` entries.
+    fn compile_cache_size(&self, _bytes: u64, _entries: usize) {}
 }
 
 /// How a run stage's process came to be.

@@ -60,6 +60,38 @@ impl LimitKind {
     }
 }
 
+impl LimitKind {
+    /// Which limit ended a stage, and its value, for the stage's `message`.
+    pub fn describe(self, limits: &super::Limits) -> String {
+        const MIB: u64 = 1024 * 1024;
+        match self {
+            LimitKind::WallTime => format!(
+                "stopped at the wall-time limit of {} ms",
+                limits.wall_time_ms
+            ),
+            LimitKind::CpuTime => {
+                format!("stopped at the CPU-time limit of {} ms", limits.cpu_time_ms)
+            }
+            LimitKind::Memory if limits.memory_bytes % MIB == 0 => format!(
+                "killed at the memory limit of {} MiB",
+                limits.memory_bytes / MIB
+            ),
+            LimitKind::Memory => format!(
+                "killed at the memory limit of {} bytes",
+                limits.memory_bytes
+            ),
+            LimitKind::Output => format!(
+                "stopped: stdout or stderr passed the output limit of {} bytes",
+                limits.output_bytes
+            ),
+            LimitKind::FileSize => format!(
+                "a file passed the file-size limit of {} bytes (SIGXFSZ)",
+                limits.file_size_bytes
+            ),
+        }
+    }
+}
+
 /// The result of one stage (compile or run).
 #[derive(Debug, Clone)]
 pub struct StageReport {
@@ -78,7 +110,8 @@ pub struct StageReport {
     pub peak_memory_bytes: Option<u64>,
     /// The limits the stage ran under, so messages can quote them.
     pub limits: super::Limits,
-    /// Detail for `InternalError`.
+    /// Detail for `InternalError`; for a stage a limit ended, which limit (see
+    /// [`LimitKind::describe`]).
     pub message: Option<String>,
 }
 
@@ -138,6 +171,8 @@ pub fn without_host_paths(message: &str) -> String {
 pub struct ExecutionReport {
     pub compile: Option<StageReport>,
     pub run: Option<StageReport>,
+    /// The compile stage's result came from the compile cache: it did not run again.
+    pub compile_cached: bool,
 }
 
 impl ExecutionReport {

@@ -28,14 +28,16 @@ pub struct ExecutionRequest {
 }
 
 impl ExecutionRequest {
-    /// The common single-file case: `code` saved under the runtime's file name.
+    /// The common single-file case: `code` saved under the runtime's file name (for Java,
+    /// its public class's name).
     pub fn single_file(runtime: Arc<Runtime>, code: impl Into<Vec<u8>>) -> Self {
-        let entry = runtime.file_name.clone();
+        let content = code.into();
+        let entry = runtime.file_name_for(&content);
         let limits = runtime.limits;
         ExecutionRequest {
             files: vec![SourceFile {
                 name: entry.clone(),
-                content: code.into(),
+                content,
             }],
             entry,
             runtime,
@@ -45,26 +47,18 @@ impl ExecutionRequest {
         }
     }
 
+    /// The class the runtime's `{class}` names, found in the entry file (Java).
+    pub fn main_class(&self) -> Option<String> {
+        let entry = self.files.iter().find(|f| f.name == self.entry)?;
+        self.runtime.main_class(&entry.content)
+    }
+
     /// Checks that need the whole request: names that collide (a file where another needs a
     /// directory), files that could not fit in the work dir, and arguments the kernel would
     /// refuse to exec (so a warm interpreter, which gets them through a pipe, and a cold
     /// start, which execs, answer the same).
     pub fn validate(&self) -> Result<(), InvalidRequest> {
-        if self.args.len() > MAX_ARGS {
-            return Err(InvalidRequest::TooManyArgs(self.args.len()));
-        }
-        if let Some((i, _)) = self
-            .args
-            .iter()
-            .enumerate()
-            .find(|(_, a)| a.len() > MAX_ARG_BYTES || a.contains('\0'))
-        {
-            return Err(InvalidRequest::BadArg(i));
-        }
-        let arg_bytes: usize = self.args.iter().map(|a| a.len() + 1).sum();
-        if arg_bytes > MAX_ARGS_TOTAL_BYTES {
-            return Err(InvalidRequest::ArgsTooLarge(arg_bytes));
-        }
+        validate_args(&self.args)?;
         let mut total: u64 = 0;
         for (i, file) in self.files.iter().enumerate() {
             crate::file_names::validate(&file.name)?;
@@ -84,6 +78,26 @@ impl ExecutionRequest {
         }
         Ok(())
     }
+}
+
+/// Arguments the kernel would refuse to exec (too many, too long, a NUL), refused alike
+/// whether the run starts warm or cold.
+pub fn validate_args(args: &[String]) -> Result<(), InvalidRequest> {
+    if args.len() > MAX_ARGS {
+        return Err(InvalidRequest::TooManyArgs(args.len()));
+    }
+    if let Some((i, _)) = args
+        .iter()
+        .enumerate()
+        .find(|(_, a)| a.len() > MAX_ARG_BYTES || a.contains('\0'))
+    {
+        return Err(InvalidRequest::BadArg(i));
+    }
+    let arg_bytes: usize = args.iter().map(|a| a.len() + 1).sum();
+    if arg_bytes > MAX_ARGS_TOTAL_BYTES {
+        return Err(InvalidRequest::ArgsTooLarge(arg_bytes));
+    }
+    Ok(())
 }
 
 /// The queue is full, or a submission waited in it for longer than allowed.

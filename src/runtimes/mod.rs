@@ -1,6 +1,7 @@
 //! Runtimes: loaded from `runtimes.toml`, validated, probed for availability, and swapped
 //! atomically on reload. This module never spawns submissions.
 
+pub mod java;
 mod probe;
 pub(crate) use probe::resolve_command;
 mod read;
@@ -15,7 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-pub use schema::{CompileEntry, RuntimeEntry, RuntimesFile, WarmKind};
+pub use schema::{ClassNaming, CompileEntry, RuntimeEntry, RuntimesFile, WarmKind};
 
 use crate::config::{BackendKind, Settings};
 use crate::limits::Limits;
@@ -96,11 +97,15 @@ pub struct Runtime {
     /// The most a request may ask for.
     pub max_limits: Limits,
     pub compile_limits: Limits,
+    /// The most a request's `compile_limits` may ask for.
+    pub max_compile_limits: Limits,
     pub backend: BackendKind,
     /// Kept started in idle sandboxes (see `execution/warm.rs`).
     pub warm: Option<WarmKind>,
     /// Forked per run from a fork server (see `execution/sandbox/zygote`); needs `warm`.
     pub zygote: bool,
+    /// How file and class names follow the source (see `java.rs`).
+    pub class_naming: Option<ClassNaming>,
     pub availability: Availability,
 }
 
@@ -129,13 +134,37 @@ impl Runtime {
             limits: Limits::default_run(),
             max_limits: Limits::default_max(),
             compile_limits: Limits::default_compile(),
+            max_compile_limits: Limits::default_max_compile(),
             backend,
             warm: None,
             zygote: false,
+            class_naming: None,
             availability: Availability {
                 available: true,
                 reason: None,
             },
+        }
+    }
+}
+
+impl Runtime {
+    /// The name a single file submitted without one is saved as: `file_name`, or for Java
+    /// the public class's name (`public class HelloWorld` must be in `HelloWorld.java`).
+    pub fn file_name_for(&self, source: &[u8]) -> String {
+        match self.class_naming {
+            Some(ClassNaming::Java) => java::public_class(source)
+                .filter(|class| crate::file_names::validate(&format!("{class}.java")).is_ok())
+                .map_or_else(|| self.file_name.clone(), |class| format!("{class}.java")),
+            None => self.file_name.clone(),
+        }
+    }
+
+    /// The class `{class}` names: for Java the top-level class of `source` that declares
+    /// `main` (else its public class, else the file's stem); `None` for other runtimes.
+    pub fn main_class(&self, source: &[u8]) -> Option<String> {
+        match self.class_naming {
+            Some(ClassNaming::Java) => java::main_class(source),
+            None => None,
         }
     }
 }

@@ -67,6 +67,17 @@ pub struct RuntimeEntry {
     /// run (`/health` says why).
     #[serde(default)]
     pub zygote: bool,
+    /// `"java"`: a single submitted file is named after its public class (`HelloWorld.java`),
+    /// and `{class}` in a command is the top-level class that declares `main`.
+    #[serde(default)]
+    pub class_naming: Option<ClassNaming>,
+}
+
+/// Languages whose file and class names are tied together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassNaming {
+    Java,
 }
 
 /// Interpreters that can wait, started, for the program they will run.

@@ -108,13 +108,17 @@ pub(super) fn validate(
         for (key, set, ceiling) in [
             ("max_limits", &max_limits, &settings.max_limits),
             ("limits", &limits, &max_limits),
-            ("compile.limits", &compile_limits, &settings.max_limits),
+            (
+                "compile.limits",
+                &compile_limits,
+                &settings.max_compile_limits,
+            ),
         ] {
             if let Some(field) = set.first_exceeding(ceiling) {
                 return Err(entry_error(
                     name,
                     &format!("{key}.{field}"),
-                    "is above the server's max_limits (or this runtime's max_limits)".into(),
+                    "is above the server's max_limits (max_compile_limits for compile.limits), or this runtime's max_limits".into(),
                 ));
             }
             if let Some((field, _)) = set.entries().into_iter().find(|(_, v)| *v == 0) {
@@ -143,9 +147,11 @@ pub(super) fn validate(
             limits,
             max_limits,
             compile_limits,
+            max_compile_limits: settings.max_compile_limits,
             backend: entry.backend.unwrap_or(settings.sandbox.backend),
             warm: entry.warm,
             zygote: entry.zygote,
+            class_naming: entry.class_naming,
             availability: Availability {
                 available: true,
                 reason: None,

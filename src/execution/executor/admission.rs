@@ -119,6 +119,39 @@ impl Admission {
                 }
             }
         };
+        self.lease(permit)
+    }
+
+    /// A slot for the next test of a batch that was admitted already: in line with every
+    /// other submission (first come, first served, so a batch never starves single runs),
+    /// counted as waiting, but without taking one of the queue's places; until `deadline`
+    /// (the batch's own wall-time budget) rather than the queue's wait.
+    pub(crate) async fn acquire_until(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<SlotLease, Busy> {
+        let permit = match Arc::clone(&self.semaphore).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                let _leave = QueueGuard(&self.waiting);
+                match tokio::time::timeout_at(deadline, Arc::clone(&self.semaphore).acquire_owned())
+                    .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        return Err(Busy {
+                            running: self.running(),
+                            waiting: self.waiting(),
+                        });
+                    }
+                }
+            }
+        };
+        self.lease(permit)
+    }
+
+    fn lease(&self, permit: OwnedSemaphorePermit) -> Result<SlotLease, Busy> {
         let index = match self.free.lock() {
             Ok(mut free) => free.pop_front(),
             Err(poisoned) => poisoned.into_inner().pop_front(),

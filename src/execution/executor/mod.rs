@@ -9,6 +9,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 mod admission;
+mod batch;
 mod command;
 mod pipeline;
 mod prepared;
@@ -17,6 +18,7 @@ mod tests;
 mod warm;
 mod zygote;
 
+use super::compile_cache::{CacheKey, CompileCache};
 use super::observer::ExecutionObserver;
 use super::pool::launcher::launcher_executable;
 use super::pool::{MemoryEnforcement, SlotOptions, SlotPool};
@@ -27,6 +29,8 @@ use crate::config::{BackendKind, SandboxSettings};
 pub use crate::execution::request::Busy;
 use crate::runtimes::Runtime;
 use admission::{Admission, SlotLease};
+pub use batch::{BatchReport, BatchRequest, BatchTest, StopReason, TestReport, output_matches};
+use pipeline::{CompileStep, StagesOutcome, compile_workdir_bytes};
 use prepared::PreparedSandbox;
 use warm::warmable;
 pub use zygote::ZygoteSupport;
@@ -74,9 +78,11 @@ pub struct ExecutorOptions {
     pub work_root: PathBuf,
     /// The default size of a slot's work dir.
     pub workdir_bytes: u64,
-    /// The server's ceilings (prepared sandboxes start under them).
+    /// The ceilings of any stage, run or compile (prepared sandboxes start under them).
     pub max_limits: Limits,
     pub sandbox: SandboxSettings,
+    /// The compile cache's bound in bytes; `None` turns it off.
+    pub compile_cache_bytes: Option<u64>,
 }
 
 /// Why the executor cannot start, or a sandbox cannot be prepared.
@@ -198,6 +204,7 @@ pub struct Executor {
     /// Cancelled when the drain's grace period is over: what still runs is killed and
     /// answered as killed by the shutdown.
     killing: tokio_util::sync::CancellationToken,
+    compile_cache: Option<CompileCache>,
 }
 
 impl Executor {
@@ -246,6 +253,9 @@ impl Executor {
             sandbox_path: sandbox.path.clone(),
             bwrap_path: sandbox.bwrap_path.clone(),
             queue: opts.queue_size,
+            compile_cache: opts
+                .compile_cache_bytes
+                .map(|bytes| CompileCache::new(bytes, Arc::clone(&observer))),
             observer,
             zygote_support,
             zygote_max_runs: sandbox.zygote_max_runs,
@@ -340,8 +350,15 @@ impl Executor {
         let request = ExecutionRequest::single_file(Arc::new(probe), Vec::new());
         let lease = self.admission.acquire().await?;
         // The execution task never fails to answer (it always sends a report).
-        let report = self.run_in_slot(request, lease, false).await.ok();
-        match report.and_then(|r| r.run) {
+        let step = CompileStep::Run {
+            key: None,
+            keep: false,
+        };
+        let report = self
+            .run_in_slot(request, lease, false, step, true)
+            .await
+            .ok();
+        match report.and_then(|r| r.report.run) {
             Some(run) if run.status == StageStatus::Ok => Ok(()),
             run => {
                 let detail = run.map_or_else(
@@ -425,6 +442,15 @@ impl Executor {
         if self.draining() {
             return Err(ExecuteError::ShuttingDown { killed: false });
         }
+        let step = match self.compile_step(&request, false) {
+            Ok(step) => step,
+            Err(failed) => {
+                // The same compile failed before: the same error, without a slot.
+                self.observer
+                    .finished(&request.runtime.name, &failed, arrived.elapsed());
+                return Ok(*failed);
+            }
+        };
         let lease = tokio::select! {
             lease = self.admission.acquire() => lease?,
             () = abandoned => return Err(ExecuteError::Abandoned),
@@ -434,7 +460,47 @@ impl Executor {
             }
         };
         self.observer.admitted(arrived.elapsed());
-        self.run_in_slot(request, lease, true).await
+        self.run_in_slot(request, lease, true, step, true)
+            .await
+            .map(|outcome| outcome.report)
+    }
+
+    /// How `request`'s compile stage is had: from the cache, or run (and then kept under
+    /// its key); `keep` hands a run compile's output back. A compile that failed before
+    /// with the same inputs is the `Err`: its report, with nothing left to run.
+    fn compile_step(
+        &self,
+        request: &ExecutionRequest,
+        keep: bool,
+    ) -> Result<CompileStep, Box<ExecutionReport>> {
+        let (Some(_), Some(cache)) = (&request.runtime.compile, &self.compile_cache) else {
+            return Ok(CompileStep::Run { key: None, keep });
+        };
+        let key = CacheKey::of(request, compile_workdir_bytes(request));
+        match cache.get(&request.runtime, &key) {
+            Some(built) if built.succeeded() => Ok(CompileStep::Prebuilt(built)),
+            Some(failed) => Err(Box::new(ExecutionReport {
+                compile: Some(failed.report.clone()),
+                run: None,
+                compile_cached: true,
+            })),
+            None => Ok(CompileStep::Run {
+                key: Some(key),
+                keep,
+            }),
+        }
+    }
+
+    /// Drop compile outputs of runtimes that `runtimes.toml` now defines differently.
+    pub fn runtimes_changed(&self, runtimes: &[Arc<Runtime>]) {
+        if let Some(cache) = &self.compile_cache {
+            cache.retain_runtimes(runtimes);
+        }
+    }
+
+    /// Bytes and entries the compile cache holds (`None` when it is off).
+    pub fn compile_cache_size(&self) -> Option<(u64, usize)> {
+        self.compile_cache.as_ref().map(CompileCache::size)
     }
 
     /// Run the stages in their own task and answer as soon as the report exists; the task
@@ -444,7 +510,9 @@ impl Executor {
         request: ExecutionRequest,
         lease: SlotLease,
         observe: bool,
-    ) -> Result<ExecutionReport, ExecuteError> {
+        step: CompileStep,
+        run: bool,
+    ) -> Result<StagesOutcome, ExecuteError> {
         let (tx, rx) = oneshot::channel();
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -456,13 +524,17 @@ impl Executor {
             // clean-up below: the slot is reset (or retired), never handed out dirty.
             let mut stages = tokio::spawn({
                 let (this, request, index) = (Arc::clone(&this), request.clone(), lease.index);
-                async move { this.run_stages(&request, index).await }
+                async move { this.run_stages(&request, index, &step, run).await }
             });
             let stages_failed = |e: tokio::task::JoinError| {
                 tracing::error!(error = %e, "the stages of a run failed");
-                ExecutionReport {
-                    compile: None,
-                    run: Some(StageReport::internal("the stages failed", request.limits)),
+                StagesOutcome {
+                    report: ExecutionReport {
+                        compile: None,
+                        run: Some(StageReport::internal("the stages failed", request.limits)),
+                        compile_cached: false,
+                    },
+                    built: None,
                 }
             };
             let report = tokio::select! {
@@ -470,8 +542,8 @@ impl Executor {
                 joined = &mut stages => Ok(joined.unwrap_or_else(stages_failed)),
                 () = this.killing.cancelled() => Err(()),
             };
-            let report = match report {
-                Ok(report) => report,
+            let outcome = match report {
+                Ok(outcome) => outcome,
                 Err(()) => {
                     // The shutdown grace period is over: answer first, then kill.
                     tracing::warn!(slot = lease.index, runtime = %runtime,
@@ -491,9 +563,10 @@ impl Executor {
             this.in_flight
                 .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             if observe {
-                this.observer.finished(&runtime, &report, started.elapsed());
+                this.observer
+                    .finished(&runtime, &outcome.report, started.elapsed());
             }
-            let _ = tx.send(Ok(report));
+            let _ = tx.send(Ok(outcome));
             // The slot's next sandbox suits what it just ran: warm for a warm runtime,
             // plain (any runtime's command) otherwise. The start-up self-test (not
             // observed) leaves the slot as it was.

@@ -1,11 +1,14 @@
 //! The pipeline of one submission in its slot: the work dir, the compile stage if the
 //! runtime has one, then the run, each in its own sandbox.
 
+use std::sync::Arc;
+
 use super::Executor;
-use super::command::fill_template;
+use super::command::{Placeholders, fill_template};
 use super::prepared::{PreparedSandbox, Waiting, exec_spec, hand_over};
 use super::warm::WarmRequest;
 use crate::config::BackendKind;
+use crate::execution::compile_cache::{BuiltOutput, CacheKey};
 use crate::execution::observer::StartKind;
 use crate::execution::pool::Slot;
 use crate::execution::report::{ExecutionReport, StageReport, StageStatus};
@@ -14,16 +17,56 @@ use crate::execution::stage::{RunContext, StageStart, rlimits, run_stage, superv
 use crate::execution::{ExecutionRequest, Limits};
 use crate::runtimes::resolve_command;
 
+/// How a slot gets its compile stage's result.
+#[derive(Clone)]
+pub(super) enum CompileStep {
+    /// Run the compile here. Its result is kept in the cache under `key` when there is
+    /// one, and handed back in [`StagesOutcome::built`] when `keep` (a batch's tests run
+    /// from it).
+    Run { key: Option<CacheKey>, keep: bool },
+    /// Write an earlier identical compile's output into the work dir instead.
+    Prebuilt(Arc<BuiltOutput>),
+}
+
+/// What a slot's stages produced.
+pub(super) struct StagesOutcome {
+    pub(super) report: ExecutionReport,
+    /// The compile's result, when it ran and was asked to be kept (or was kept).
+    pub(super) built: Option<Arc<BuiltOutput>>,
+}
+
+/// The compile stage's work dir: room for the compiler, and at least the run's.
+pub(super) fn compile_workdir_bytes(request: &ExecutionRequest) -> u64 {
+    match request.runtime.compile {
+        Some(_) => request
+            .limits
+            .workdir_bytes
+            .max(request.runtime.compile_limits.workdir_bytes),
+        None => request.limits.workdir_bytes,
+    }
+}
+
 impl Executor {
+    /// Run `request`'s stages in slot `slot_index`: the compile (or its earlier output, see
+    /// `step`), then, when `run`, the run stage.
     pub(super) async fn run_stages(
         &self,
         request: &ExecutionRequest,
         slot_index: usize,
-    ) -> ExecutionReport {
+        step: &CompileStep,
+        run: bool,
+    ) -> StagesOutcome {
         let runtime = &request.runtime;
-        let fail = |message: String, limits: Limits| ExecutionReport {
-            compile: None,
-            run: Some(StageReport::internal(message, limits)),
+        let done = |report: ExecutionReport| StagesOutcome {
+            report,
+            built: None,
+        };
+        let fail = |message: String, limits: Limits| {
+            done(ExecutionReport {
+                compile: None,
+                run: Some(StageReport::internal(message, limits)),
+                compile_cached: false,
+            })
         };
         let backend: &dyn SandboxBackend = match runtime.backend {
             BackendKind::Process => &self.process,
@@ -39,12 +82,16 @@ impl Executor {
                 }
             },
         };
-        let workdir_bytes = match runtime.compile {
-            Some(_) => request
-                .limits
-                .workdir_bytes
-                .max(runtime.compile_limits.workdir_bytes),
-            None => request.limits.workdir_bytes,
+        let workdir_bytes = compile_workdir_bytes(request);
+        let prebuilt = match step {
+            CompileStep::Prebuilt(built) if runtime.compile.is_some() => Some(built),
+            _ => None,
+        };
+        // A prebuilt work dir holds the sources as the compile left them.
+        let files = if prebuilt.is_some() {
+            &[][..]
+        } else {
+            &request.files[..]
         };
         let mut prepared = self.take_prepared(slot_index, runtime).await;
         if prepared.as_ref().is_some_and(PreparedSandbox::is_zygote) {
@@ -53,15 +100,13 @@ impl Executor {
                 .run_in_zygote(prepared.take(), request, slot_index)
                 .await
             {
-                return report;
+                return done(report);
             }
         }
-        let slot = match self.slots.prepare(
-            slot_index,
-            &request.files,
-            workdir_bytes,
-            prepared.is_none(),
-        ) {
+        let slot = match self
+            .slots
+            .prepare(slot_index, files, workdir_bytes, prepared.is_none())
+        {
             Ok(slot) => slot,
             Err(e) => {
                 self.discard(prepared.take(), slot_index).await;
@@ -70,8 +115,24 @@ impl Executor {
         };
 
         let mut compile_report = None;
-        if let Some(command) = &runtime.compile {
-            let report = self
+        let mut compile_cached = false;
+        let mut built = None;
+        if let (Some(_), Some(prebuilt)) = (&runtime.compile, prebuilt) {
+            let restored = match &prebuilt.artifact {
+                Some(artifact) => self.slots.restore_box(slot_index, artifact),
+                None => Ok(()),
+            };
+            if let Err(e) = restored {
+                self.discard(prepared.take(), slot_index).await;
+                return fail(
+                    format!("restoring the compile's output: {e}"),
+                    request.limits,
+                );
+            }
+            compile_report = Some(prebuilt.report.clone());
+            compile_cached = true;
+        } else if let Some(command) = &runtime.compile {
+            let mut report = self
                 .run_one(
                     backend,
                     slot,
@@ -84,17 +145,60 @@ impl Executor {
                     false,
                 )
                 .await;
+            if report.status == StageStatus::RuntimeError {
+                report.status = StageStatus::CompileError;
+            }
+            self.observer.compiled(&runtime.name, report.status);
+            let (key, keep) = match step {
+                CompileStep::Run { key, keep } => (*key, *keep),
+                CompileStep::Prebuilt(_) => (None, false),
+            };
             if report.status != StageStatus::Ok {
-                let mut report = report;
-                if report.status == StageStatus::RuntimeError {
-                    report.status = StageStatus::CompileError;
+                let output = Arc::new(BuiltOutput {
+                    report: report.clone(),
+                    artifact: None,
+                });
+                if let (Some(cache), Some(key)) = (&self.compile_cache, key) {
+                    cache.put(runtime, key, Arc::clone(&output));
                 }
-                return ExecutionReport {
-                    compile: Some(report),
-                    run: None,
+                return StagesOutcome {
+                    report: ExecutionReport {
+                        compile: Some(report),
+                        run: None,
+                        compile_cached: false,
+                    },
+                    built: keep.then_some(output),
                 };
             }
+            if key.is_some() || keep {
+                let most = workdir_bytes.saturating_mul(2);
+                match self.slots.capture_box(slot_index, most) {
+                    Ok(artifact) => {
+                        let output = Arc::new(BuiltOutput {
+                            report: report.clone(),
+                            artifact: Some(artifact),
+                        });
+                        if let (Some(cache), Some(key)) = (&self.compile_cache, key) {
+                            cache.put(runtime, key, Arc::clone(&output));
+                        }
+                        built = keep.then_some(output);
+                    }
+                    Err(e) if keep => {
+                        return done(ExecutionReport {
+                            compile: Some(report),
+                            run: Some(StageReport::internal(
+                                format!("keeping the compile's output for the tests: {e}"),
+                                request.limits,
+                            )),
+                            compile_cached: false,
+                        });
+                    }
+                    Err(e) => tracing::info!(error = %e, "a compile's output is not cached"),
+                }
+            }
             compile_report = Some(report);
+        }
+        if runtime.compile.is_some() {
             // The tmpfs was sized for the compile: `workdir_bytes` holds for the run too, and
             // the compiler's output cannot be deleted to make room.
             if let Err(e) = self
@@ -102,14 +206,26 @@ impl Executor {
                 .seal_compile_output(slot_index)
                 .and_then(|()| self.slots.resize(slot_index, request.limits.workdir_bytes))
             {
-                return ExecutionReport {
+                return done(ExecutionReport {
                     compile: compile_report,
                     run: Some(StageReport::internal(
                         format!("sizing the work dir: {e}"),
                         request.limits,
                     )),
-                };
+                    compile_cached,
+                });
             }
+        }
+        if !run {
+            self.discard(prepared.take(), slot_index).await;
+            return StagesOutcome {
+                report: ExecutionReport {
+                    compile: compile_report,
+                    run: None,
+                    compile_cached,
+                },
+                built,
+            };
         }
         let run = self
             .run_one(
@@ -124,9 +240,13 @@ impl Executor {
                 true,
             )
             .await;
-        ExecutionReport {
-            compile: compile_report,
-            run: Some(run),
+        StagesOutcome {
+            report: ExecutionReport {
+                compile: compile_report,
+                run: Some(run),
+                compile_cached,
+            },
+            built,
         }
     }
 
@@ -143,7 +263,15 @@ impl Executor {
         prepared: Option<PreparedSandbox>,
         is_run_stage: bool,
     ) -> StageReport {
-        let mut argv = fill_template(template, &request.entry);
+        let class = request.main_class();
+        let mut argv = fill_template(
+            template,
+            &Placeholders {
+                entry: &request.entry,
+                class: class.as_deref(),
+                memory_bytes: limits.memory_bytes,
+            },
+        );
         argv.extend(args.iter().cloned());
         match resolve_command(&argv[0], &self.sandbox_path) {
             // `./name` is a program the compile stage built in the work dir.

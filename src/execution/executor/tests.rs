@@ -30,6 +30,7 @@ fn executor(slots: usize, queue: usize) -> (Arc<Executor>, tempfile::TempDir) {
             uid_base: 64_800,
             ..SandboxSettings::default()
         },
+        compile_cache_bytes: Some(1 << 20),
     };
     let executor = Executor::new(options, Arc::new(NoopObserver)).expect("an executor");
     (Arc::new(executor), work)
@@ -169,4 +170,71 @@ async fn a_queued_submission_whose_client_left_never_runs() {
     busy.await.expect("joins");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!marker.exists(), "the abandoned program ran");
+}
+
+#[tokio::test]
+async fn a_second_identical_compile_comes_from_the_cache() {
+    let (executor, _work) = executor(1, 0);
+    // Every compile writes something new, so the run shows which compile it runs from.
+    let runtime = sh("cat built", Some("date +%s%N > built"));
+    let first = run(&executor, Arc::clone(&runtime)).await;
+    let second = run(&executor, Arc::clone(&runtime)).await;
+    assert!(!first.compile_cached && second.compile_cached);
+    let built = first.run.expect("a run stage").stdout;
+    assert_eq!(second.run.expect("a run stage").stdout, built);
+    let mut other = ExecutionRequest::single_file(runtime, b"another file".to_vec());
+    other.limits = Limits::default_run();
+    let third = executor
+        .execute(other, std::future::pending())
+        .await
+        .expect("admitted");
+    assert!(!third.compile_cached, "other bytes are another key");
+    assert_ne!(third.run.expect("a run stage").stdout, built);
+}
+
+#[tokio::test]
+async fn a_batch_compiles_once_and_runs_every_test_in_a_fresh_work_dir() {
+    use crate::execution::{BatchRequest, BatchTest};
+    let (executor, _work) = executor(2, 0);
+    let runtime = sh(
+        "head -n1 built; test -e mark && echo seen; : > mark; cat",
+        Some("date +%s%N > built"),
+    );
+    let tests = (0..6)
+        .map(|i| BatchTest {
+            stdin: format!("t{i}\n").into_bytes(),
+            args: Vec::new(),
+            expected_output: None,
+        })
+        .collect();
+    let batch = BatchRequest {
+        request: ExecutionRequest::single_file(runtime, Vec::new()),
+        tests,
+        stop_at_first_failure: false,
+        wall_time: Duration::from_secs(30),
+    };
+    let report = executor
+        .execute_batch(batch, tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("admitted");
+    assert_eq!(
+        report.compile.as_ref().map(|c| c.status),
+        Some(StageStatus::Ok)
+    );
+    let first = report.tests[0].run.as_ref().expect("ran").stdout.clone();
+    let built = String::from_utf8_lossy(&first)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!built.is_empty());
+    for (i, test) in report.tests.iter().enumerate() {
+        let out = String::from_utf8_lossy(&test.run.as_ref().expect("ran").stdout).into_owned();
+        assert_eq!(
+            out,
+            format!("{built}\nt{i}\n"),
+            "one compile, no earlier test's file"
+        );
+    }
+    assert!(report.stopped.is_none());
 }

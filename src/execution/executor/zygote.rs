@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
-use super::command::fill_template;
+use super::command::{Placeholders, fill_template};
 use super::prepared::{PreparedSandbox, Waiting, ZygoteState, hand_over};
 use super::warm::{Bootstrap, warm_command, warmable};
 use super::{Executor, ExecutorError};
@@ -289,6 +289,7 @@ impl Executor {
         Ok(ExecutionReport {
             compile: None,
             run: Some(report),
+            compile_cached: false,
         })
     }
 
@@ -345,7 +346,14 @@ async fn hand_run(
     drop((request_r, status_w, stdin_r, stdout_w, stderr_w));
     let runtime = &request.runtime;
     // The program's own argv, from `{file}` on, as a warm interpreter gets it.
-    let mut argv = fill_template(&runtime.run, &request.entry);
+    let mut argv = fill_template(
+        &runtime.run,
+        &Placeholders {
+            entry: &request.entry,
+            class: request.main_class().as_deref(),
+            memory_bytes: request.limits.memory_bytes,
+        },
+    );
     argv.extend(request.args.iter().cloned());
     let program_argv = runtime
         .run

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+pub(crate) mod artifact;
 pub(crate) mod cgroup;
 pub(crate) mod launcher;
 mod uids;

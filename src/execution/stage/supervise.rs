@@ -127,7 +127,10 @@ pub(crate) async fn supervise(
                 stderr_truncated,
                 wall_time,
                 peak_memory_bytes: ctx.cgroup.and_then(MemoryCgroup::peak_bytes),
-                message: Some("the run's memory use got a process of its sandbox killed".into()),
+                message: Some(format!(
+                    "{}: the run's memory use got a process of its sandbox killed",
+                    LimitKind::Memory.describe(&limits)
+                )),
                 ..StageReport::internal("no exit status (the memory limit was hit)", limits)
             };
         }
@@ -174,7 +177,7 @@ pub(crate) async fn supervise(
         cpu_time: Some(cpu_time),
         peak_memory_bytes,
         limits,
-        message: None,
+        message: limit_hit.map(|limit| limit.describe(&limits)),
     }
 }
 

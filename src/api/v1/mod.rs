@@ -1,19 +1,21 @@
 //! `POST /api/v1/execute`: the full execution API. Thin mappings over the core's request
 //! and report types. (The runtime list is `runtimes.rs`.) Over 400 lines on purpose: the
 //! request types, the answer types and the mapping between them and the core are one API
-//! version, read together.
+//! version, read together. Test-case batches (`tests`) are `batch.rs`.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi};
 
-use super::errors::{ApiError, ErrorBody, ErrorCode, ErrorJson, error_variants};
-use super::text::Text;
-use super::{ApiTags, AppState, RequestId};
+use crate::api::errors::{ApiError, ErrorBody, ErrorCode, ErrorJson, error_variants};
+use crate::api::text::Text;
+use crate::api::{ApiTags, AppState, RequestId};
+
+pub mod batch;
 use crate::execution::{
     ExecutionReport, ExecutionRequest, LimitsOverride, SourceFile, StageReport, StageStatus,
-    validate_file_name,
+    output_matches, validate_file_name,
 };
 use crate::runtimes::Runtime;
 
@@ -36,10 +38,10 @@ pub enum Encoding {
 pub struct FileInput {
     /// Path relative to the work dir (`main.py`, `src/util.py`): no absolute paths, no `..`.
     /// Defaults to the runtime's `file_name` for the first file.
-    #[oai(deserialize_with = "super::text::file_name")]
+    #[oai(deserialize_with = "crate::api::text::file_name")]
     pub name: Option<Text>,
     /// The file's content, encoded as `encoding` says.
-    #[oai(deserialize_with = "super::text::file_content")]
+    #[oai(deserialize_with = "crate::api::text::file_content")]
     pub content: Text,
     /// `utf8` (default) or `base64`.
     pub encoding: Option<Encoding>,
@@ -51,29 +53,61 @@ pub struct FileInput {
 #[oai(deny_unknown_fields)]
 pub struct RequestLimits {
     /// Wall-clock time of the run stage in milliseconds.
-    #[oai(deserialize_with = "super::text::wall_time_ms")]
+    #[oai(deserialize_with = "crate::api::text::wall_time_ms")]
     pub wall_time_ms: Option<u64>,
     /// CPU time in milliseconds, of the whole process tree where the host's cgroups count
     /// it (see `cpu_enforcement` in `GET /health`); else per process, in whole seconds.
-    #[oai(deserialize_with = "super::text::cpu_time_ms")]
+    #[oai(deserialize_with = "crate::api::text::cpu_time_ms")]
     pub cpu_time_ms: Option<u64>,
     /// Memory in bytes.
-    #[oai(deserialize_with = "super::text::memory_bytes")]
+    #[oai(deserialize_with = "crate::api::text::memory_bytes")]
     pub memory_bytes: Option<u64>,
     /// Processes and threads.
-    #[oai(deserialize_with = "super::text::processes")]
+    #[oai(deserialize_with = "crate::api::text::processes")]
     pub processes: Option<u64>,
     /// Largest file the program may write, in bytes.
-    #[oai(deserialize_with = "super::text::file_size_bytes")]
+    #[oai(deserialize_with = "crate::api::text::file_size_bytes")]
     pub file_size_bytes: Option<u64>,
     /// Open file descriptors.
-    #[oai(deserialize_with = "super::text::open_files")]
+    #[oai(deserialize_with = "crate::api::text::open_files")]
     pub open_files: Option<u64>,
     /// Bytes kept per output stream.
-    #[oai(deserialize_with = "super::text::output_bytes")]
+    #[oai(deserialize_with = "crate::api::text::output_bytes")]
     pub output_bytes: Option<u64>,
     /// Size of the work dir plus /tmp, in bytes.
-    #[oai(deserialize_with = "super::text::workdir_bytes")]
+    #[oai(deserialize_with = "crate::api::text::workdir_bytes")]
+    pub workdir_bytes: Option<u64>,
+}
+
+/// Limits of the compile stage for this request, as `limits` for the run: each may lower
+/// the runtime's compile limit or raise it up to the compile maximum (`max_compile_limits`
+/// in `GET /api/v1/runtimes`); asking for more is a 422. Part of the compile cache's key.
+#[derive(Debug, Clone, Default, Object)]
+#[oai(deny_unknown_fields)]
+pub struct CompileLimits {
+    /// Wall-clock time of the compile stage in milliseconds.
+    #[oai(deserialize_with = "crate::api::text::wall_time_ms")]
+    pub wall_time_ms: Option<u64>,
+    /// CPU time in milliseconds, of the whole compiler process tree where counted.
+    #[oai(deserialize_with = "crate::api::text::cpu_time_ms")]
+    pub cpu_time_ms: Option<u64>,
+    /// Memory in bytes.
+    #[oai(deserialize_with = "crate::api::text::memory_bytes")]
+    pub memory_bytes: Option<u64>,
+    /// Processes and threads.
+    #[oai(deserialize_with = "crate::api::text::processes")]
+    pub processes: Option<u64>,
+    /// Largest file the compiler may write, in bytes.
+    #[oai(deserialize_with = "crate::api::text::file_size_bytes")]
+    pub file_size_bytes: Option<u64>,
+    /// Open file descriptors.
+    #[oai(deserialize_with = "crate::api::text::open_files")]
+    pub open_files: Option<u64>,
+    /// Bytes kept per output stream of the compiler.
+    #[oai(deserialize_with = "crate::api::text::output_bytes")]
+    pub output_bytes: Option<u64>,
+    /// Size of the work dir plus /tmp during the compile, in bytes.
+    #[oai(deserialize_with = "crate::api::text::workdir_bytes")]
     pub workdir_bytes: Option<u64>,
 }
 
@@ -83,30 +117,45 @@ pub struct RequestLimits {
 #[oai(example, deny_unknown_fields)]
 pub struct ExecuteRequest {
     /// Runtime name or alias (`python3`, `py`, `c`...); the server's default when absent.
-    #[oai(deserialize_with = "super::text::runtime")]
+    #[oai(deserialize_with = "crate::api::text::runtime")]
     pub runtime: Option<Text>,
     /// Version selector: `3` or `3.11` matches 3.11.2; absent or `*` takes any.
-    #[oai(deserialize_with = "super::text::version")]
+    #[oai(deserialize_with = "crate::api::text::version")]
     pub version: Option<Text>,
     /// The source files; give either `files` or `code`.
     pub files: Option<Vec<FileInput>>,
     /// Shorthand for one file saved under the runtime's `file_name`.
-    #[oai(deserialize_with = "super::text::code")]
+    #[oai(deserialize_with = "crate::api::text::code")]
     pub code: Option<Text>,
     /// Name of the file the runtime runs (its `{file}`); the first file when absent.
-    #[oai(deserialize_with = "super::text::entry")]
+    #[oai(deserialize_with = "crate::api::text::entry")]
     pub entry: Option<Text>,
     /// Standard input for the run stage (UTF-8).
-    #[oai(deserialize_with = "super::text::stdin")]
+    #[oai(deserialize_with = "crate::api::text::stdin")]
     pub stdin: Option<Text>,
     /// Command-line arguments appended to the run command.
-    #[oai(deserialize_with = "super::text::args")]
+    #[oai(deserialize_with = "crate::api::text::args")]
     pub args: Option<Vec<Text>>,
     pub limits: Option<RequestLimits>,
+    /// Limits of the compile stage (compiled runtimes only).
+    pub compile_limits: Option<CompileLimits>,
     /// When given, the response has a `verdict`: `accepted` if stdout equals this,
     /// ignoring trailing whitespace on each line and trailing blank lines.
-    #[oai(deserialize_with = "super::text::expected_output")]
+    #[oai(deserialize_with = "crate::api::text::expected_output")]
     pub expected_output: Option<Text>,
+    /// A batch: the program is compiled once and run once per test, each run in a fresh
+    /// sandbox under `limits`; the answer has `tests` and `summary` instead of `run`.
+    /// With `tests`, give `stdin` and `expected_output` per test (top-level `args` are
+    /// the default of a test without its own).
+    pub tests: Option<Vec<batch::TestInput>>,
+    /// With `tests`: start no test after one failed (a test fails when its run does not
+    /// end `ok` or its output does not match). Default false.
+    pub stop_at_first_failure: Option<bool>,
+    /// With `tests`: the whole batch's wall-time budget in ms (default and maximum: the
+    /// server's `execution.max_batch_wall_time_ms`). No test starts after it, and a test's
+    /// wall-time limit is cut to what is left of it.
+    #[oai(deserialize_with = "crate::api::text::batch_wall_time_ms")]
+    pub batch_wall_time_ms: Option<u64>,
 }
 
 impl poem_openapi::types::Example for ExecuteRequest {
@@ -129,7 +178,11 @@ impl poem_openapi::types::Example for ExecuteRequest {
                 wall_time_ms: Some(5000),
                 ..Default::default()
             }),
+            compile_limits: None,
             expected_output: Some("Hello, world!".into()),
+            tests: None,
+            stop_at_first_failure: None,
+            batch_wall_time_ms: None,
         }
     }
 }
@@ -207,8 +260,12 @@ pub struct StageResult {
     /// reset it (cgroup v1; v2 on kernels 6.12+), else the largest single process's
     /// resident size (v2 before 6.12, or no memory cgroup).
     pub peak_memory_bytes: Option<u64>,
-    /// Detail for `internal_error`.
+    /// Detail for `internal_error`; for a stage a limit ended, which limit and its value
+    /// (`stopped at the wall-time limit of 2000 ms`).
     pub message: Option<String>,
+    /// For the compile stage: true when this result came from the compile cache (an
+    /// identical compile ran before, and its output was reused), false when it ran now.
+    pub cached: Option<bool>,
 }
 
 /// The result of a submission.
@@ -223,10 +280,14 @@ pub struct ExecuteResponse {
     pub status: Status,
     /// Present when the runtime compiles.
     pub compile: Option<StageResult>,
-    /// Absent when compiling failed.
+    /// Absent when compiling failed, and for a batch (see `tests`).
     pub run: Option<StageResult>,
     /// Present when `expected_output` was given and the run stage ended `ok`.
     pub verdict: Option<Verdict>,
+    /// For a batch: one result per test, in the request's order.
+    pub tests: Option<Vec<batch::TestResult>>,
+    /// For a batch: how many passed and failed, and the first failure.
+    pub summary: Option<batch::BatchSummary>,
 }
 
 impl poem_openapi::types::Example for ExecuteResponse {
@@ -251,8 +312,11 @@ impl poem_openapi::types::Example for ExecuteResponse {
                 cpu_time_ms: Some(18),
                 peak_memory_bytes: Some(9_437_184),
                 message: None,
+                cached: None,
             }),
             verdict: Some(Verdict::Accepted),
+            tests: None,
+            summary: None,
         }
     }
 }
@@ -312,7 +376,13 @@ impl ExecuteApi {
         request_id: poem::web::Data<&RequestId>,
         body: Json<ExecuteRequest>,
     ) -> ExecuteResult {
-        let body = body.0;
+        let mut body = body.0;
+        if let Some(tests) = body.tests.take() {
+            return batch::execute(&state, &request_id, body, tests).await;
+        }
+        if body.stop_at_first_failure.is_some() || body.batch_wall_time_ms.is_some() {
+            return invalid("`stop_at_first_failure` and `batch_wall_time_ms` need `tests`").into();
+        }
         let expected = body.expected_output.clone().map(Text::into_string);
         let request = match to_core_request(&state, body) {
             Ok(r) => r,
@@ -326,11 +396,14 @@ impl ExecuteApi {
     }
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
+pub(super) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::Unprocessable(ErrorBody::new(ErrorCode::InvalidRequest, message))
 }
 
-fn to_core_request(state: &AppState, body: ExecuteRequest) -> Result<ExecutionRequest, ApiError> {
+pub(super) fn to_core_request(
+    state: &AppState,
+    body: ExecuteRequest,
+) -> Result<ExecutionRequest, ApiError> {
     let runtime = state
         .runtimes
         .snapshot()
@@ -350,21 +423,23 @@ fn to_core_request(state: &AppState, body: ExecuteRequest) -> Result<ExecutionRe
     }
     let mut files = Vec::with_capacity(inputs.len());
     for (i, input) in inputs.into_iter().enumerate() {
+        let content = match input.encoding.unwrap_or(Encoding::Utf8) {
+            Encoding::Utf8 => input.content.into_string().into_bytes(),
+            Encoding::Base64 => BASE64.decode(input.content.as_bytes()).map_err(|e| {
+                let name = input.name.as_deref().unwrap_or(&runtime.file_name);
+                invalid(format!("files[{i}] (`{name}`): invalid base64: {e}"))
+            })?,
+        };
         let name = match input.name {
             Some(n) => n.into_string(),
-            None if i == 0 => runtime.file_name.clone(),
+            // Java: `public class HelloWorld` is saved as `HelloWorld.java`.
+            None if i == 0 => runtime.file_name_for(&content),
             None => return Err(invalid(format!("files[{i}] needs a `name`"))),
         };
         validate_file_name(&name).map_err(|e| invalid(format!("files[{i}]: {e}")))?;
         if files.iter().any(|f: &SourceFile| f.name == name) {
             return Err(invalid(format!("files[{i}]: duplicate file name `{name}`")));
         }
-        let content = match input.encoding.unwrap_or(Encoding::Utf8) {
-            Encoding::Utf8 => input.content.into_string().into_bytes(),
-            Encoding::Base64 => BASE64
-                .decode(input.content.as_bytes())
-                .map_err(|e| invalid(format!("files[{i}] (`{name}`): invalid base64: {e}")))?,
-        };
         files.push(SourceFile { name, content });
     }
     let entry = match body.entry {
@@ -390,6 +465,33 @@ fn to_core_request(state: &AppState, body: ExecuteRequest) -> Result<ExecutionRe
     }
     let asked = body.limits.map(to_override).unwrap_or_default();
     let limits = runtime.limits.apply_request(&asked, &runtime.max_limits)?;
+    let runtime = match body.compile_limits {
+        None => runtime,
+        Some(_) if runtime.compile.is_none() => {
+            return Err(invalid(format!(
+                "`compile_limits`: runtime `{}` has no compile stage",
+                runtime.name
+            )));
+        }
+        Some(asked) => {
+            let asked = compile_override(asked);
+            let compile_limits = runtime
+                .compile_limits
+                .apply_request(&asked, &runtime.max_compile_limits)
+                .map_err(|e| {
+                    ApiError::Unprocessable(ErrorBody::new(
+                        ErrorCode::LimitExceeded,
+                        format!("compile_limits: {e}"),
+                    ))
+                })?;
+            // The request's compile stage runs under its own limits (the runtime as
+            // loaded stays as it is for everyone else).
+            std::sync::Arc::new(Runtime {
+                compile_limits,
+                ..Runtime::clone(&runtime)
+            })
+        }
+    };
     let request = ExecutionRequest {
         runtime,
         files,
@@ -415,6 +517,19 @@ fn to_override(l: RequestLimits) -> LimitsOverride {
     }
 }
 
+fn compile_override(l: CompileLimits) -> LimitsOverride {
+    LimitsOverride {
+        wall_time_ms: l.wall_time_ms,
+        cpu_time_ms: l.cpu_time_ms,
+        memory_bytes: l.memory_bytes,
+        processes: l.processes,
+        file_size_bytes: l.file_size_bytes,
+        open_files: l.open_files,
+        output_bytes: l.output_bytes,
+        workdir_bytes: l.workdir_bytes,
+    }
+}
+
 fn encode(bytes: &[u8]) -> (String, Encoding) {
     match std::str::from_utf8(bytes) {
         Ok(text) => (text.to_string(), Encoding::Utf8),
@@ -422,7 +537,7 @@ fn encode(bytes: &[u8]) -> (String, Encoding) {
     }
 }
 
-fn to_stage(stage: &StageReport) -> StageResult {
+pub(super) fn to_stage(stage: &StageReport) -> StageResult {
     let (stdout, stdout_encoding) = encode(&stage.stdout);
     let (stderr, stderr_encoding) = encode(&stage.stderr);
     StageResult {
@@ -440,16 +555,16 @@ fn to_stage(stage: &StageReport) -> StageResult {
         cpu_time_ms: stage.cpu_time.map(|d| d.as_millis() as u64),
         peak_memory_bytes: stage.peak_memory_bytes,
         message: stage.message.clone(),
+        cached: None,
     }
 }
 
-/// Lines with trailing whitespace removed, without trailing blank lines.
-fn normalized(text: &str) -> Vec<&str> {
-    let mut lines: Vec<&str> = text.lines().map(str::trim_end).collect();
-    while lines.last().is_some_and(|l| l.is_empty()) {
-        lines.pop();
+/// The compile stage's result, saying whether it came from the compile cache.
+pub(super) fn to_compile_stage(stage: &StageReport, cached: bool) -> StageResult {
+    StageResult {
+        cached: Some(cached),
+        ..to_stage(stage)
     }
-    lines
 }
 
 fn to_response(
@@ -459,8 +574,7 @@ fn to_response(
 ) -> ExecuteResponse {
     let verdict = match (&report.run, expected) {
         (Some(run), Some(expected)) if run.status == StageStatus::Ok => {
-            let actual = String::from_utf8_lossy(&run.stdout);
-            Some(if normalized(&actual) == normalized(&expected) {
+            Some(if output_matches(&run.stdout, &expected) {
                 Verdict::Accepted
             } else {
                 Verdict::WrongAnswer
@@ -472,8 +586,13 @@ fn to_response(
         runtime: runtime.name.clone(),
         version: runtime.version.clone(),
         status: report.status().into(),
-        compile: report.compile.as_ref().map(to_stage),
+        compile: report
+            .compile
+            .as_ref()
+            .map(|c| to_compile_stage(c, report.compile_cached)),
         run: report.run.as_ref().map(to_stage),
         verdict,
+        tests: None,
+        summary: None,
     }
 }
