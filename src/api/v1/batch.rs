@@ -58,6 +58,7 @@ pub enum TestOutcome {
 pub struct TestResult {
     /// The test's `name`, when it had one.
     pub name: Option<String>,
+    /// `passed`, `failed` or `skipped`.
     pub outcome: TestOutcome,
     /// Present when the test had an `expected_output` and its run ended `ok`.
     pub verdict: Option<Verdict>,
@@ -85,9 +86,13 @@ pub enum BatchStop {
 #[derive(Debug, Object)]
 #[oai(skip_serializing_if_is_none)]
 pub struct BatchSummary {
+    /// Tests in the request.
     pub total: u32,
+    /// Tests whose run ended `ok` and matched their `expected_output`, if any.
     pub passed: u32,
+    /// Tests that ran and did not pass.
     pub failed: u32,
+    /// Tests that did not run (see `stopped`).
     pub skipped: u32,
     /// Index (from 0) of the first test that failed.
     pub first_failure: Option<u32>,
