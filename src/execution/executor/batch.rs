@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::pipeline::CompileStep;
 use super::{ExecuteError, Executor};
-use crate::execution::report::{StageReport, StageStatus};
+use crate::execution::report::{ExecutionReport, StageReport, StageStatus};
 use crate::execution::request::ExecutionRequest;
 
 /// One test: its input, and the output that passes it.
@@ -322,10 +322,26 @@ impl Executor {
             let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(10);
             run.limits.wall_time_ms = run.limits.wall_time_ms.min(left_ms);
             let limits = run.limits;
-            let report = match self.run_in_slot(run, lease, true, step.clone(), true).await {
+            // A test that runs from the batch's compile is counted as its run alone: the
+            // compile's output and memory were counted once, when it ran.
+            let prebuilt = matches!(step, CompileStep::Prebuilt(_));
+            let started = Instant::now();
+            let report = match self
+                .run_in_slot(run, lease, !prebuilt, step.clone(), true)
+                .await
+            {
                 Ok(outcome) => outcome.report.run,
                 Err(e) => Some(StageReport::internal(e, limits)),
             };
+            if let (true, Some(run)) = (prebuilt, &report) {
+                let counted = ExecutionReport {
+                    compile: None,
+                    run: Some(run.clone()),
+                    compile_cached: true,
+                };
+                self.observer
+                    .finished(&request.runtime.name, &counted, started.elapsed());
+            }
             let output_matches = match (&report, &test.expected_output) {
                 (Some(run), Some(expected)) if run.status == StageStatus::Ok => {
                     Some(output_matches(&run.stdout, expected))
