@@ -101,6 +101,9 @@ class Daemon:
             except OSError:
                 pass
             if time.time() > deadline or self.proc.poll() is not None:
+                self.proc.kill()
+                self.proc.wait()
+                shutil.rmtree(self.work, ignore_errors=True)
                 sys.exit("daemon did not start")
             time.sleep(0.1)
         roots = glob.glob(os.path.join(self.work, "mde-*"))
