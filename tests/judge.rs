@@ -92,7 +92,9 @@ async fn stop_at_first_failure_starts_no_later_test() {
     }
     bounded(120, async {
         let app = app(56100).await;
-        let code = "#include <stdio.h>\nint main(void){int n; if(scanf(\"%d\",&n)!=1) return 3; printf(\"%d\\n\", n); return n == 2 ? 1 : 0;}";
+        // Every test but the failing one takes 200 ms, so test 2 fails while test 3 is
+        // still running, whatever the scheduling: then no later test may start.
+        let code = "#include <stdio.h>\n#include <unistd.h>\nint main(void){int n; if(scanf(\"%d\",&n)!=1) return 3; if(n != 2) usleep(200000); printf(\"%d\\n\", n); return n == 2 ? 1 : 0;}";
         let tests: Vec<Value> = (0..12)
             .map(|i| json!({"stdin": format!("{i}"), "expected_output": format!("{i}")}))
             .collect();
@@ -106,7 +108,7 @@ async fn stop_at_first_failure_starts_no_later_test() {
         let results = json["tests"].as_array().expect("tests");
         assert_eq!(results[2]["outcome"], "failed");
         assert_eq!(results[2]["run"]["exit_code"], 1);
-        // With two slots at most one later test was already running when test 2 failed.
+        // With two slots only test 3 was running when test 2 failed.
         let skipped = summary["skipped"].as_u64().unwrap_or(0);
         assert!(skipped >= 8, "later tests must not start: {summary}");
         for t in &results[5..] {
