@@ -166,16 +166,10 @@ const PYTHON_ZYGOTE: &str = r#"def _mde_fork():
         pid = z.mde_zygote_clone()
         if pid != 0:
             api.PyOS_AfterFork_Parent()
+            if pid < 0:
+                os._exit(72)
             continue
         api.PyOS_AfterFork_Child()
-        err = z.mde_run_init()
-        if err != 0:
-            os.write(2, b'mde: run init failed: %d\n' % err)
-            os._exit(72)
-        pid = os.fork()
-        if pid:
-            z.mde_run_supervise(pid)
-            os._exit(73)
         fd = z.mde_run_enter()
         if fd < 0:
             os._exit(74)

@@ -7,16 +7,20 @@
 //! loop:
 //!     mde_zygote_next()                wait for the last run to end (0: the daemon left)
 //!     <before-fork hooks>
-//!     pid = mde_zygote_clone()         the next run's init, pid 1 of a new pid namespace
-//!     <after-fork hooks>
+//!     pid = mde_zygote_clone()         clones the next run's init (pid 1 of a new pid
+//!                                      namespace), which makes the run's namespaces,
+//!                                      /proc, tmpfs and loopback, forks the run (pid 2)
+//!                                      and supervises it without returning; the run
+//!                                      returns 0 here, the zygote the init's pid
+//!     <after-fork hooks: the parent's in the zygote, the child's in the run>
 //!     if pid > 0: continue             the zygote goes back to waiting
-//!     mde_run_init()                   (init) namespaces, /proc, tmpfs, loopback
-//!     pid = <the language's fork>()    the run, pid 2
-//!     if pid > 0: mde_run_supervise(pid)   (init) never returns
 //!     fd = mde_run_enter()             (run) waits for a request's descriptors, reads the
 //!                                      request, writes its files, drops every privilege;
 //!                                      fd holds the argv
 //! ```
+//! The init never runs the interpreter (it only makes syscalls in Rust), so it touches,
+//! and copies, almost none of the zygote's pages; the run is a plain `fork` of it, so the
+//! C library's own state (its cached thread id) is right in the run.
 //! So the next run is ready (namespaces made, interpreter forked) before its request
 //! comes, and only the request's own work is on its path. There is one run, ready or
 //! running, per zygote at a time: the next is cloned when the last one's init has exited,
@@ -304,21 +308,36 @@ pub(crate) extern "C" fn mde_zygote_clone() -> c_int {
             s.taken = None;
             s.init = None;
         });
+        return init_and_fork();
     }
     pid as c_int
+}
+
+/// In the run's init, just cloned: make the run's namespaces and mounts, fork the run
+/// (which returns 0 to the caller), and supervise it (never returning).
+fn init_and_fork() -> c_int {
+    if let Err(e) = run_init() {
+        eprintln!(
+            "mixed-docker-executor zygote: a run's set-up failed: errno {}",
+            -e
+        );
+        // SAFETY: ending this process.
+        unsafe { libc::_exit(72) }
+    }
+    // SAFETY: this process is single-threaded; the child only returns to the caller.
+    match unsafe { libc::fork() } {
+        0 => 0,
+        -1 => {
+            // SAFETY: ending this process.
+            unsafe { libc::_exit(73) }
+        }
+        run => supervise(run),
+    }
 }
 
 /// In the run's init (pid 1), before any request: new mount, network, ipc and uts
 /// namespaces; a fresh /proc; one fresh tmpfs behind `/box`, `/tmp` and `/dev/shm`;
 /// loopback up; the socket pair over which the run will pass its status pipe.
-#[unsafe(no_mangle)]
-pub(crate) extern "C" fn mde_run_init() -> c_int {
-    match run_init() {
-        Ok(()) => 0,
-        Err(e) => e,
-    }
-}
-
 fn run_init() -> Result<(), c_int> {
     // SAFETY: plain system calls with constant or owned arguments.
     unsafe {
@@ -551,8 +570,7 @@ fn argv_memfd(argv: &[Vec<u8>]) -> Result<OwnedFd, c_int> {
 /// In the run's init, once the run is forked: hold nothing but the status pipe, wait for
 /// the run, then kill and reap everything else in the namespace, and report. Never
 /// returns.
-#[unsafe(no_mangle)]
-pub(crate) extern "C" fn mde_run_supervise(run: c_int) -> c_int {
+fn supervise(run: c_int) -> c_int {
     // The run passes the status pipe once it has taken a request; if it dies first, there
     // is nothing to report (the zygote sees its `taken` pipe close and clones another).
     let pair = with_state(|s| {
