@@ -369,7 +369,7 @@ fn run_init() -> Result<(), c_int> {
     )
     .map_err(|e| -(e as c_int))?;
     // The init keeps `ours` (in `pair`) and the run `theirs`: each drops the other's end
-    // when it starts (see `mde_run_supervise` and `take_run`).
+    // when it starts (see `supervise` and `take_run`).
     with_state(|s| {
         s.pair = Some(ours);
         s.run_fds.push(theirs);
