@@ -12,7 +12,7 @@ use prometheus::{
 
 use crate::error_code::ErrorCode;
 use crate::execution::{
-    CacheEvent, ExecutionObserver, ExecutionReport, StageStatus, StartKind, ZYGOTE_RESTART_REASONS,
+    CacheEvent, ExecutionObserver, ExecutionReport, StageStatus, StartKind, ZygoteRestart,
 };
 use crate::runtimes::RuntimeSet;
 use crate::runtimes::reload::ReloadObserver;
@@ -318,9 +318,9 @@ impl Metrics {
                     .with_label_values(&[runtime.name.as_str(), how.as_str()]);
             }
             if runtime.zygote {
-                for reason in ZYGOTE_RESTART_REASONS {
+                for reason in ZygoteRestart::ALL {
                     self.zygote_restarts
-                        .with_label_values(&[runtime.name.as_str(), reason]);
+                        .with_label_values(&[runtime.name.as_str(), reason.as_str()]);
                 }
             }
             if runtime.compile.is_some() {
@@ -437,9 +437,9 @@ impl ExecutionObserver for Metrics {
             .inc();
     }
 
-    fn zygote_restarted(&self, runtime: &str, reason: &'static str) {
+    fn zygote_restarted(&self, runtime: &str, reason: ZygoteRestart) {
         self.zygote_restarts
-            .with_label_values(&[runtime, reason])
+            .with_label_values(&[runtime, reason.as_str()])
             .inc();
     }
 }

@@ -24,9 +24,7 @@ pub use executor::{
     BatchReport, BatchRequest, BatchTest, Busy, Executor, ExecutorError, ExecutorInfo,
     ExecutorOptions, StopReason, TestReport, ZygoteSupport, output_matches,
 };
-pub use observer::{
-    CacheEvent, ExecutionObserver, NoopObserver, StartKind, ZYGOTE_RESTART_REASONS,
-};
+pub use observer::{CacheEvent, ExecutionObserver, NoopObserver, StartKind, ZygoteRestart};
 pub use pool::MemoryEnforcement;
 pub use pool::launcher::{LAUNCHER_ARG, launcher_main, this_binary_serves_helpers};
 pub use report::{ExecutionReport, LimitKind, StageReport, StageStatus, without_host_paths};

@@ -27,9 +27,8 @@ pub trait ExecutionObserver: Send + Sync {
     fn finished(&self, _runtime: &str, _report: &ExecutionReport, _elapsed: Duration) {}
     /// Its run stage was started `how`.
     fn run_started(&self, _runtime: &str, _how: StartKind) {}
-    /// A slot's zygote of `runtime` was replaced (or could not start), for `reason`, one of
-    /// [`ZYGOTE_RESTART_REASONS`].
-    fn zygote_restarted(&self, _runtime: &str, _reason: &'static str) {}
+    /// A slot's zygote of `runtime` was replaced (or could not start), for `reason`.
+    fn zygote_restarted(&self, _runtime: &str, _reason: ZygoteRestart) {}
     /// A compile stage ran (not one whose result came from the cache).
     fn compiled(&self, _runtime: &str, _status: StageStatus) {}
     fn compile_cache(&self, _event: CacheEvent) {}
@@ -60,17 +59,44 @@ impl StartKind {
     }
 }
 
-/// Why a zygote is replaced: it served `zygote_max_runs`, outlived `zygote_max_age_secs`,
-/// was killed with a run that hit a limit, held more than a quarter of a run's memory
-/// limit, died or stopped answering, or could not start.
-pub const ZYGOTE_RESTART_REASONS: [&str; 6] = [
-    "max_runs",
-    "max_age",
-    "run_killed",
-    "memory",
-    "died",
-    "start_failed",
-];
+/// Why a zygote is replaced (the `reason` label of `mde_zygote_restarts_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZygoteRestart {
+    /// It served `zygote_max_runs` runs.
+    MaxRuns,
+    /// It outlived `zygote_max_age_secs`.
+    MaxAge,
+    /// A run of it hit a limit, and stopping the run killed the zygote's sandbox.
+    RunKilled,
+    /// It held more than a quarter of a run's memory limit.
+    Memory,
+    /// It died, or stopped answering.
+    Died,
+    /// It could not start.
+    StartFailed,
+}
+
+impl ZygoteRestart {
+    pub const ALL: [ZygoteRestart; 6] = [
+        ZygoteRestart::MaxRuns,
+        ZygoteRestart::MaxAge,
+        ZygoteRestart::RunKilled,
+        ZygoteRestart::Memory,
+        ZygoteRestart::Died,
+        ZygoteRestart::StartFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ZygoteRestart::MaxRuns => "max_runs",
+            ZygoteRestart::MaxAge => "max_age",
+            ZygoteRestart::RunKilled => "run_killed",
+            ZygoteRestart::Memory => "memory",
+            ZygoteRestart::Died => "died",
+            ZygoteRestart::StartFailed => "start_failed",
+        }
+    }
+}
 
 /// For tests and tools that do not care.
 pub struct NoopObserver;

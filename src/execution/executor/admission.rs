@@ -101,22 +101,8 @@ impl Admission {
                         waiting: self.waiting(),
                     });
                 }
-                // Dropping this future (the client left) gives the place back at once.
-                let _leave = QueueGuard(&self.waiting);
-                match tokio::time::timeout(
-                    self.max_wait,
-                    Arc::clone(&self.semaphore).acquire_owned(),
-                )
-                .await
-                {
-                    Ok(Ok(permit)) => permit,
-                    _ => {
-                        return Err(Busy {
-                            running: self.running(),
-                            waiting: self.waiting(),
-                        });
-                    }
-                }
+                self.wait_in_line(tokio::time::Instant::now() + self.max_wait)
+                    .await?
             }
         };
         self.lease(permit)
@@ -134,21 +120,26 @@ impl Admission {
             Ok(permit) => permit,
             Err(_) => {
                 self.waiting.fetch_add(1, Ordering::SeqCst);
-                let _leave = QueueGuard(&self.waiting);
-                match tokio::time::timeout_at(deadline, Arc::clone(&self.semaphore).acquire_owned())
-                    .await
-                {
-                    Ok(Ok(permit)) => permit,
-                    _ => {
-                        return Err(Busy {
-                            running: self.running(),
-                            waiting: self.waiting(),
-                        });
-                    }
-                }
+                self.wait_in_line(deadline).await?
             }
         };
         self.lease(permit)
+    }
+
+    /// Wait for a permit until `deadline`, counted in `waiting` (the caller has added
+    /// itself); dropping this future (the client left) gives the place back at once.
+    async fn wait_in_line(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<OwnedSemaphorePermit, Busy> {
+        let _leave = QueueGuard(&self.waiting);
+        match tokio::time::timeout_at(deadline, Arc::clone(&self.semaphore).acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(Busy {
+                running: self.running(),
+                waiting: self.waiting(),
+            }),
+        }
     }
 
     fn lease(&self, permit: OwnedSemaphorePermit) -> Result<SlotLease, Busy> {

@@ -19,7 +19,7 @@ mod warm;
 mod zygote;
 
 use super::compile_cache::{CacheKey, CompileCache};
-use super::observer::ExecutionObserver;
+use super::observer::{ExecutionObserver, ZygoteRestart};
 use super::pool::launcher::launcher_executable;
 use super::pool::{MemoryEnforcement, SlotOptions, SlotPool};
 use super::report::{ExecutionReport, StageReport, StageStatus};
@@ -306,6 +306,20 @@ impl Executor {
     fn note_zygote_start(&self, error: Option<String>) {
         if let Ok(mut last) = self.zygote_start_error.lock() {
             *last = error;
+        }
+    }
+
+    /// Count a zygote's replacement; one that died before serving any run is a failure to
+    /// start, which `/health` shows.
+    fn zygote_replaced(&self, zygote: &prepared::ZygoteState, reason: ZygoteRestart) {
+        let name = &zygote.runtime.name;
+        self.observer.zygote_restarted(name, reason);
+        tracing::debug!(runtime = %name, runs = zygote.runs, reason = reason.as_str(),
+            "replacing a zygote");
+        if reason == ZygoteRestart::Died && zygote.runs == 0 {
+            self.note_zygote_start(Some(format!(
+                "the zygote of {name} ended before it served a run (see the log)"
+            )));
         }
     }
 

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use super::warm::{Bootstrap, warm_command};
 use super::{Executor, ExecutorError};
 use crate::config::BackendKind;
+use crate::execution::observer::ZygoteRestart;
 use crate::execution::pool::Slot;
 use crate::execution::sandbox::stage_exec::ExecSpec;
 use crate::execution::stage::{RunContext, Spawned, rlimits, start_stage};
@@ -76,11 +77,11 @@ impl ZygoteState {
 
     /// Why it must be replaced now, if it must: the reason `mde_zygote_restarts_total`
     /// counts.
-    pub(super) fn worn_out(&self) -> Option<&'static str> {
+    pub(super) fn worn_out(&self) -> Option<ZygoteRestart> {
         if self.runs >= self.max_runs {
-            Some("max_runs")
+            Some(ZygoteRestart::MaxRuns)
         } else if self.started.elapsed() >= self.max_age {
-            Some("max_age")
+            Some(ZygoteRestart::MaxAge)
         } else {
             None
         }
@@ -279,17 +280,11 @@ impl Executor {
         if let Waiting::Zygote(zygote) = &prepared.waiting {
             let reason = match zygote.worn_out() {
                 Some(reason) => Some(reason),
-                None if prepared.spawned.has_exited() => Some("died"),
+                None if prepared.spawned.has_exited() => Some(ZygoteRestart::Died),
                 None => None,
             };
             if let Some(reason) = reason.filter(|_| Arc::ptr_eq(&zygote.runtime, runtime)) {
-                self.observer.zygote_restarted(&runtime.name, reason);
-                if reason == "died" && zygote.runs == 0 {
-                    self.note_zygote_start(Some(format!(
-                        "the zygote of {} ended before it served a run (see the log)",
-                        runtime.name
-                    )));
-                }
+                self.zygote_replaced(zygote, reason);
             }
         }
         if let Ok(mut seen) = self.prepared_binds.lock() {

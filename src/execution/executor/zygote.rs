@@ -25,7 +25,7 @@ use super::warm::{Bootstrap, warm_command, warmable};
 use super::{Executor, ExecutorError};
 use crate::config::SandboxSettings;
 use crate::execution::ExecutionRequest;
-use crate::execution::observer::StartKind;
+use crate::execution::observer::{StartKind, ZygoteRestart};
 use crate::execution::pool::{Slot, SlotPool};
 use crate::execution::report::{ExecutionReport, LimitKind};
 use crate::execution::sandbox::ZYGOTE_CONTROL_FD;
@@ -118,7 +118,7 @@ impl Executor {
                 // A warm interpreter is the fallback.
                 Err(e) => {
                     self.observer
-                        .zygote_restarted(&runtime.name, "start_failed");
+                        .zygote_restarted(&runtime.name, ZygoteRestart::StartFailed);
                     tracing::warn!(runtime = %runtime.name, error = %e, "cannot start a zygote");
                     self.note_zygote_start(Some(format!("the zygote of {}: {e}", runtime.name)));
                 }
@@ -211,7 +211,8 @@ impl Executor {
             .get(index)
             .and_then(|s| s.cgroup.as_ref().map(|cg| (s, cg)))
         else {
-            self.retire_zygote(prepared, index, "died").await;
+            self.retire_zygote(prepared, index, ZygoteRestart::Died)
+                .await;
             return Err(());
         };
         // As for a warm interpreter: a zygote holding more than a quarter of the run's
@@ -222,7 +223,8 @@ impl Executor {
             .usage_bytes()
             .is_some_and(|used| used <= limits.memory_bytes / 4);
         if !fits || cgroup.prepare(limits.memory_bytes).is_err() {
-            self.retire_zygote(prepared, index, "memory").await;
+            self.retire_zygote(prepared, index, ZygoteRestart::Memory)
+                .await;
             return Err(());
         }
         let Waiting::Zygote(state) = &mut prepared.waiting else {
@@ -242,18 +244,21 @@ impl Executor {
         let start = StageStart::now(&ctx);
         let handed = hand_run(&state.control, request, &ctx).await;
         let Some((spawned, request_pipe, encoded)) = handed else {
-            self.retire_zygote(prepared, index, "died").await;
+            self.retire_zygote(prepared, index, ZygoteRestart::Died)
+                .await;
             return Err(());
         };
         // The request goes to the run, never through the zygote's memory.
         if !hand_over(request_pipe, encoded).await {
             cgroup.kill_all(launcher_pid);
-            self.retire_zygote(prepared, index, "died").await;
+            self.retire_zygote(prepared, index, ZygoteRestart::Died)
+                .await;
             return Err(());
         }
         let Some(spawned) = started(spawned).await else {
             cgroup.kill_all(launcher_pid);
-            self.retire_zygote(prepared, index, "died").await;
+            self.retire_zygote(prepared, index, ZygoteRestart::Died)
+                .await;
             return Err(());
         };
         if let Waiting::Zygote(state) = &mut prepared.waiting {
@@ -268,13 +273,13 @@ impl Executor {
             Some(LimitKind::WallTime | LimitKind::Output | LimitKind::CpuTime)
         );
         let reason = if killed {
-            Some("run_killed")
+            Some(ZygoteRestart::RunKilled)
         } else if prepared.spawned.has_exited() {
-            Some("died")
+            Some(ZygoteRestart::Died)
         } else {
             match &prepared.waiting {
                 Waiting::Zygote(state) => state.worn_out(),
-                _ => Some("died"),
+                _ => Some(ZygoteRestart::Died),
             }
         };
         match reason {
@@ -294,17 +299,9 @@ impl Executor {
     }
 
     /// End a zygote (its slot is then settled and reset, and starts a new one).
-    async fn retire_zygote(&self, zygote: PreparedSandbox, index: usize, reason: &'static str) {
+    async fn retire_zygote(&self, zygote: PreparedSandbox, index: usize, reason: ZygoteRestart) {
         if let Waiting::Zygote(state) = &zygote.waiting {
-            if state.runs == 0 && reason == "died" {
-                self.note_zygote_start(Some(format!(
-                    "the zygote of {} ended before it served a run (see the log)",
-                    state.runtime.name
-                )));
-            }
-            self.observer.zygote_restarted(&state.runtime.name, reason);
-            tracing::debug!(runtime = %state.runtime.name, runs = state.runs, reason,
-                "replacing a zygote");
+            self.zygote_replaced(state, reason);
         }
         self.discard(Some(zygote), index).await;
     }
