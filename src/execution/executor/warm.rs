@@ -101,19 +101,18 @@ if sys.path and sys.path[0] == '':
 _mde_before = set(sys.modules)
 "#;
 
-/// Reads the request from `fd` (rlimits, then argv) and makes the program's `__main__`;
-/// drops every module imported since `_mde_before`.
-const PYTHON_TAKE: &str = r#"def _mde_take(fd, before):
-    import os, resource
-    with os.fdopen(fd, 'rb') as f:
-        data = f.read()
-    if not data:
-        os._exit(0)
+/// Makes the program's `__main__` from a request (rlimits, then argv) and drops every
+/// module imported since `before` (a zygote run passes None: its zygote dropped them once,
+/// before forking any run).
+const PYTHON_TAKE: &str = r#"def _mde_take(data, before):
+    import os
     fields = data.split(b'\0')
     count = int(fields[0])
-    for i in range(count):
-        res, soft, hard = (int(x) for x in fields[1 + 3 * i:4 + 3 * i])
-        resource.setrlimit(res, (soft, hard))
+    if count:
+        import resource
+        for i in range(count):
+            res, soft, hard = (int(x) for x in fields[1 + 3 * i:4 + 3 * i])
+            resource.setrlimit(res, (soft, hard))
     argv = [os.fsdecode(a) for a in fields[1 + 3 * count:]]
     path = os.path.abspath(argv[0])
     with open(path, 'rb') as f:
@@ -134,15 +133,23 @@ const PYTHON_TAKE: &str = r#"def _mde_take(fd, before):
             tb = tb.tb_next
         default_hook(kind, value.with_traceback(tb), tb)
     sys.excepthook = hook
-    for name in set(sys.modules) - before - {'__main__'}:
-        del sys.modules[name]
+    if before is not None:
+        for name in set(sys.modules) - before - {'__main__'}:
+            del sys.modules[name]
     return compile(source, path, 'exec'), main.__dict__
 "#;
 
 /// The program's code and globals are held only by the `exec` call: at exit the
 /// interpreter then clears `__main__` while stdout still works, as after `python3 main.py`
 /// (a finalizer printing at exit is seen).
-const PYTHON_WARM: &str = r#"exec(*_mde_take(int(sys.argv[1]), _mde_before))
+const PYTHON_WARM: &str = r#"def _mde_read(fd):
+    import os
+    with os.fdopen(fd, 'rb') as f:
+        data = f.read()
+    if not data:
+        os._exit(0)
+    return data
+exec(*_mde_take(_mde_read(int(sys.argv[1])), _mde_before))
 "#;
 
 /// The fork server's loop (see `sandbox/zygote/fork_server.rs` for the calls), then the
@@ -154,26 +161,42 @@ const PYTHON_ZYGOTE: &str = r#"def _mde_fork():
     import os, ctypes, gc
     z = ctypes.PyDLL('/.mde/zygote.so')
     api = ctypes.pythonapi
+    # Every function looked up once, here: a lookup in the run would build its ctypes
+    # object there, in memory the run then copies from the zygote.
+    zygote_next, zygote_clone, run_enter = z.mde_zygote_next, z.mde_zygote_clone, z.mde_run_enter
+    before_fork, after_parent, after_child = api.PyOS_BeforeFork, api.PyOS_AfterFork_Parent, api.PyOS_AfterFork_Child
     if z.mde_zygote_init(int(sys.argv[1])) != 0:
         os._exit(70)
+    # The compiler makes its state (the AST types) on first use: once here, not per run.
+    compile('def f(a, *b, k=1, **c):\n    return [x for x in b if x] or {k: f"{a!r}"}\n', '<warm-up>', 'exec')
+    # The bootstrap's own imports leave sys.modules here, once, not in every run.
+    for name in set(sys.modules) - _mde_before:
+        del sys.modules[name]
     gc.collect()
     gc.freeze()
     while True:
-        got = z.mde_zygote_next()
+        got = zygote_next()
         if got <= 0:
             os._exit(0 if got == 0 else 71)
-        api.PyOS_BeforeFork()
-        pid = z.mde_zygote_clone()
+        before_fork()
+        pid = zygote_clone()
         if pid != 0:
-            api.PyOS_AfterFork_Parent()
+            after_parent()
             if pid < 0:
                 os._exit(72)
             continue
-        api.PyOS_AfterFork_Child()
-        fd = z.mde_run_enter()
-        if fd < 0:
+        after_child()
+        size = run_enter()
+        if size < 0:
             os._exit(74)
-        return fd
+        data = b''
+        while len(data) < size:
+            chunk = os.read(3, size - len(data))
+            if not chunk:
+                break
+            data += chunk
+        os.close(3)
+        return data
 def _mde_main(code, g, before):
     import os, gc
     interrupted = False
@@ -224,8 +247,10 @@ def _mde_main(code, g, before):
     gc.collect()
     io = sys.modules.get('io')
     spaces = [vars(sys.modules['builtins'])]
-    spaces += [vars(m) for n, m in list(sys.modules.items()) if n not in before and m is not None]
-    for space in spaces:
+    # By name: the zygote's own modules are left untouched (not copied into the run).
+    modules = sys.modules
+    spaces += [getattr(modules.get(n), '__dict__', None) for n in list(modules) if n not in before]
+    for space in filter(None, spaces):
         for value in list(space.values()):
             if io is not None and isinstance(value, io.IOBase):
                 try:
@@ -239,7 +264,7 @@ def _mde_main(code, g, before):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     os._exit(status)
-_mde_code, _mde_globals = _mde_take(_mde_fork(), _mde_before)
+_mde_code, _mde_globals = _mde_take(_mde_fork(), None)
 del _mde_take, _mde_fork
 _mde_main(_mde_code, _mde_globals, _mde_before)
 "#;

@@ -1,6 +1,9 @@
-//! The seccomp filters handed to bubblewrap (`--add-seccomp-fd`), built with `seccompiler`.
+//! The seccomp filter handed to bubblewrap (`--add-seccomp-fd`) and installed by every
+//! zygote run, built with `seccompiler`.
 //!
-//! Three programs, because a seccompiler filter has one match action:
+//! Three seccompiler filters, because one has a single match action, chained into one
+//! BPF program (see [`chain`]): the kernel runs and JIT-compiles each installed program
+//! on its own, and installing three cost a zygote run three times as much.
 //! - a denylist answering EPERM: mounts (including the new mount API and mount listing),
 //!   namespaces, tracing, kernel keyrings, modules, BPF, perf, userfaultfd, io_uring,
 //!   inotify/fanotify (they would show which files concurrent runs open on the shared
@@ -111,8 +114,23 @@ const NAMESPACE_FLAGS: &[libc::c_int] = &[
     libc::CLONE_NEWCGROUP,
 ];
 
-/// Both filters as raw `struct sock_filter` arrays, the format bubblewrap reads.
+/// The filter as raw `struct sock_filter` arrays, the format bubblewrap reads: one
+/// program (a list, so a caller may install each program it holds).
 pub(crate) fn build_filters() -> Result<Vec<Vec<u8>>, SandboxError> {
+    let program = chain(separate_programs()?);
+    if program.len() > BPF_MAXINSNS {
+        return Err(SandboxError::seccomp(std::io::Error::other(format!(
+            "the chained seccomp program has {} instructions, over the kernel's {BPF_MAXINSNS}",
+            program.len()
+        ))));
+    }
+    Ok(vec![to_bytes(&program)])
+}
+
+/// The three filters, in the order the kernel would evaluate them installed one after
+/// another: newest first (of equal actions, and all three answer errnos, the first seen
+/// wins).
+fn separate_programs() -> Result<Vec<BpfProgram>, SandboxError> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(SandboxError::seccomp)?;
     let mut deny: BTreeMap<i64, Vec<SeccompRule>> = DENIED
         .iter()
@@ -156,13 +174,49 @@ pub(crate) fn build_filters() -> Result<Vec<Vec<u8>>, SandboxError> {
 
     let sockets = refusing(socket_rules()?, libc::EAFNOSUPPORT)?;
 
-    [deny, clone3, sockets]
+    [sockets, clone3, deny]
         .into_iter()
-        .map(|filter| {
-            let program: BpfProgram = filter.try_into().map_err(SandboxError::seccomp)?;
-            Ok(to_bytes(&program))
-        })
+        .map(|filter| BpfProgram::try_from(filter).map_err(SandboxError::seccomp))
         .collect()
+}
+
+/// The `AUDIT_ARCH_*` value seccomp sees for this build's native system calls.
+#[cfg(test)]
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xc000_003e;
+#[cfg(test)]
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xc000_00b7;
+
+/// The longest program the kernel accepts.
+const BPF_MAXINSNS: usize = 4096;
+const BPF_RET_K: u16 = 0x06;
+const BPF_JMP_JA: u16 = 0x05;
+const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+
+/// One program that answers as the given ones installed together would: each one's
+/// "allow" becomes a jump to the start of the next (only the last program allows), and
+/// any other answer ends the run there. Jumps inside a program keep their targets, since
+/// no instruction moves.
+fn chain(programs: Vec<BpfProgram>) -> BpfProgram {
+    let count = programs.len();
+    let mut out = Vec::with_capacity(programs.iter().map(Vec::len).sum());
+    for (index, mut program) in programs.into_iter().enumerate() {
+        if index + 1 < count {
+            let len = program.len();
+            for (i, insn) in program.iter_mut().enumerate() {
+                if insn.code == BPF_RET_K && insn.k == SECCOMP_RET_ALLOW {
+                    insn.code = BPF_JMP_JA;
+                    insn.jt = 0;
+                    insn.jf = 0;
+                    // Past the rest of this program: onto the next one's first instruction.
+                    insn.k = (len - 1 - i) as u32;
+                }
+            }
+        }
+        out.extend(program);
+    }
+    out
 }
 
 /// `socket` and `socketpair` match (and are refused) when the family is none of
@@ -214,10 +268,106 @@ fn to_bytes(program: &BpfProgram) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use seccompiler::{BpfProgram, sock_filter};
+
+    /// Classic BPF as seccomp runs it, for the instructions seccompiler emits, over a
+    /// `struct seccomp_data` of `nr`, the arch and `args`.
+    fn run(program: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+        let mut data = vec![nr, arch, 0, 0];
+        for arg in args {
+            data.extend([arg as u32, (arg >> 32) as u32]);
+        }
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let insn = &program[pc];
+            pc += 1;
+            let k = insn.k;
+            match insn.code {
+                0x20 => acc = data[k as usize / 4], // ld [k]
+                0x54 => acc &= k,                   // and #k
+                0x06 => return k,                   // ret #k
+                0x05 => pc += k as usize,           // ja
+                0x15 | 0x25 | 0x35 | 0x45 => {
+                    let taken = match insn.code {
+                        0x15 => acc == k,
+                        0x25 => acc > k,
+                        0x35 => acc >= k,
+                        _ => acc & k != 0,
+                    };
+                    pc += usize::from(if taken { insn.jt } else { insn.jf });
+                }
+                other => panic!("instruction {other:#x} not emulated"),
+            }
+        }
+    }
+
+    /// The kernel's answer for several installed programs: all run, the lowest action
+    /// class wins, and of equal ones the newest program's (the first in `newest_first`).
+    fn run_all(newest_first: &[BpfProgram], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+        let mut best: Option<u32> = None;
+        for program in newest_first {
+            let ret = run(program, nr, arch, args);
+            let class = |r: u32| (r & 0xffff_0000) as i32;
+            if best.is_none_or(|b| class(ret) < class(b)) {
+                best = Some(ret);
+            }
+        }
+        best.unwrap_or(0)
+    }
+
+    fn parse(bytes: &[u8]) -> BpfProgram {
+        bytes
+            .chunks_exact(8)
+            .map(|c| sock_filter {
+                code: u16::from_ne_bytes([c[0], c[1]]),
+                jt: c[2],
+                jf: c[3],
+                k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_chained_program_answers_as_the_three_filters_installed_together() {
+        let filters = super::build_filters().expect("filters build");
+        let chained = parse(&filters[0]);
+        let separate = super::separate_programs().expect("programs build");
+        let arch = super::AUDIT_ARCH;
+        let flag_args = [
+            0u64,
+            0x1000_0000,
+            0x2000_0000,
+            0x0002_0000,
+            0x11,
+            0x4000_0000 | 0x11,
+        ];
+        let socket_args = [1u64, 2, 10, 16, 17, 40];
+        let mut checked = 0;
+        for nr in (0..480u32).chain((0..480).map(|n| n | 0x4000_0000)) {
+            for &a0 in flag_args.iter().chain(&socket_args) {
+                for a2 in [0u64, 9, 15] {
+                    let args = [a0, 1, a2, 0, 0, 0];
+                    assert_eq!(
+                        run(&chained, nr, arch, args),
+                        run_all(&separate, nr, arch, args),
+                        "syscall {nr:#x} with args {args:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        // Another architecture's calls are refused as by the separate filters.
+        assert_eq!(
+            run(&chained, 1, 0x4000_0003, [0; 6]),
+            run_all(&separate, 1, 0x4000_0003, [0; 6])
+        );
+        assert!(checked > 10_000);
+    }
+
     #[test]
     fn filters_build_for_this_architecture() {
         let filters = super::build_filters().expect("filters build");
-        assert_eq!(filters.len(), 3);
+        assert_eq!(filters.len(), 1);
         for f in filters {
             assert!(!f.is_empty() && f.len() % 8 == 0);
         }

@@ -14,9 +14,9 @@
 //!                                      returns 0 here, the zygote the init's pid
 //!     <after-fork hooks: the parent's in the zygote, the child's in the run>
 //!     if pid > 0: continue             the zygote goes back to waiting
-//!     fd = mde_run_enter()             (run) waits for a request's descriptors, reads the
+//!     n = mde_run_enter()              (run) waits for a request's descriptors, reads the
 //!                                      request, writes its files, drops every privilege;
-//!                                      fd holds the argv
+//!                                      descriptor 3 holds the argv, n bytes
 //! ```
 //! The init never runs the interpreter (it only makes syscalls in Rust), so it touches,
 //! and copies, almost none of the zygote's pages; the run is a plain `fork` of it, so the
@@ -88,6 +88,7 @@ struct State {
     run_fds: Vec<OwnedFd>,
     request: Option<RunRequest>,
     argv: Option<OwnedFd>,
+    argv_len: usize,
 }
 
 /// Ready runs that may die in a row before the zygote gives up (and is replaced).
@@ -390,7 +391,7 @@ fn take_request() -> Result<(), c_int> {
     let request = RunRequest::decode(&bytes).ok_or(-libc::EINVAL)?;
     resize_work_dirs(request.workdir_bytes)?;
     write_files(&request.files)?;
-    let argv = argv_memfd(&request.argv)?;
+    let (argv, argv_len) = argv_memfd(&request.argv)?;
     let status_fd = with_state(|s| s.run_fds.get(STATUS).map(AsRawFd::as_raw_fd));
     let status_fd = status_fd.ok_or(-libc::EBADF)?;
     // SAFETY: one byte from a static buffer to a descriptor we hold.
@@ -400,6 +401,7 @@ fn take_request() -> Result<(), c_int> {
     with_state(|s| {
         s.request = Some(request);
         s.argv = Some(argv);
+        s.argv_len = argv_len;
     });
     Ok(())
 }
@@ -553,7 +555,7 @@ fn loopback_up() -> Result<(), c_int> {
 
 /// The argv in the warm bootstrap's format (`0`, no rlimits: they are applied here), in
 /// a memfd the run reads.
-fn argv_memfd(argv: &[Vec<u8>]) -> Result<OwnedFd, c_int> {
+fn argv_memfd(argv: &[Vec<u8>]) -> Result<(OwnedFd, usize), c_int> {
     let mut fields: Vec<&[u8]> = vec![b"0"];
     fields.extend(argv.iter().map(Vec::as_slice));
     let bytes = fields.join(&b'\0');
@@ -564,7 +566,7 @@ fn argv_memfd(argv: &[Vec<u8>]) -> Result<OwnedFd, c_int> {
     let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     file.write_all(&bytes).map_err(|e| neg(&e))?;
     std::io::Seek::rewind(&mut file).map_err(|e| neg(&e))?;
-    Ok(OwnedFd::from(file))
+    Ok((OwnedFd::from(file), bytes.len()))
 }
 
 /// In the run's init, once the run is forked: hold nothing but the status pipe, wait for
@@ -632,7 +634,7 @@ fn supervise(run: c_int) -> c_int {
 
 /// In the run (pid 2), last before the program: its stdio, its limits, no capabilities,
 /// no new privileges, the seccomp filters, and no descriptor but stdio and the argv's.
-/// Returns the argv's descriptor.
+/// Returns the length of the argv, which descriptor 3 holds.
 #[unsafe(no_mangle)]
 pub(crate) extern "C" fn mde_run_enter() -> c_int {
     match run_enter() {
@@ -737,7 +739,8 @@ fn run_enter() -> Result<c_int, c_int> {
     for filter in &filters {
         install_filter(filter)?;
     }
-    Ok(ARGV_FD)
+    let len = with_state(|s| s.argv_len);
+    c_int::try_from(len).map_err(|_| -libc::E2BIG)
 }
 
 /// Empty every capability set: bounding (while CAP_SETPCAP may still allow it), ambient,
