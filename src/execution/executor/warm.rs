@@ -99,21 +99,24 @@ const PYTHON_PROLOGUE: &str = r#"import sys
 if sys.path and sys.path[0] == '':
     del sys.path[0]
 _mde_before = set(sys.modules)
+import os as _mde_os
 "#;
 
 /// Makes the program's `__main__` from a request (rlimits, then argv) and drops every
 /// module imported since `before` (a zygote run passes None: its zygote dropped them once,
 /// before forking any run).
-const PYTHON_TAKE: &str = r#"def _mde_take(data, before):
-    import os
-    fields = data.split(b'\0')
-    count = int(fields[0])
+const PYTHON_TAKE: &str = r#"def _mde_take(data, before, os=_mde_os):
+    head, _, rest = data.partition(b'\0')
+    count = int(head)
     if count:
         import resource
+        fields = rest.split(b'\0', 3 * count)
         for i in range(count):
-            res, soft, hard = (int(x) for x in fields[1 + 3 * i:4 + 3 * i])
+            res, soft, hard = (int(x) for x in fields[3 * i:3 * i + 3])
             resource.setrlimit(res, (soft, hard))
-    argv = [os.fsdecode(a) for a in fields[1 + 3 * count:]]
+        rest = fields[3 * count]
+    # As os.fsdecode, in one call: a NUL byte is never inside a multi-byte sequence.
+    argv = rest.decode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()).split('\0')
     path = os.path.abspath(argv[0])
     with open(path, 'rb') as f:
         source = f.read()
@@ -157,7 +160,8 @@ exec(*_mde_take(_mde_read(int(sys.argv[1])), _mde_before))
 /// module's names cleared as the interpreter clears them so finalizers run, stdout
 /// flushed) before `_exit`: the full interpreter teardown would touch, and so copy, every
 /// page the run shares with its zygote, which cost more than the rest of a `print(1)`.
-const PYTHON_ZYGOTE: &str = r#"def _mde_fork():
+const PYTHON_ZYGOTE: &str = r#"import gc as _mde_gc, _io as _mde_io
+def _mde_fork():
     import os, ctypes, gc
     z = ctypes.PyDLL('/.mde/zygote.so')
     api = ctypes.pythonapi
@@ -197,8 +201,7 @@ const PYTHON_ZYGOTE: &str = r#"def _mde_fork():
             data += chunk
         os.close(3)
         return data
-def _mde_main(code, g, before):
-    import os, gc
+def _mde_main(code, g, before, os=_mde_os, gc=_mde_gc, iobase=_mde_io._IOBase):
     interrupted = False
     try:
         exec(code, g)
@@ -245,14 +248,15 @@ def _mde_main(code, g, before):
             if name != '__builtins__' and (not first or (name[:1] == '_' and name[1:2] != '_')):
                 g[name] = None
     gc.collect()
-    io = sys.modules.get('io')
     spaces = [vars(sys.modules['builtins'])]
     # By name: the zygote's own modules are left untouched (not copied into the run).
     modules = sys.modules
     spaces += [getattr(modules.get(n), '__dict__', None) for n in list(modules) if n not in before]
     for space in filter(None, spaces):
         for value in list(space.values()):
-            if io is not None and isinstance(value, io.IOBase):
+            # The C base of every io class: a plain type check, not the ABC's (which
+            # would grow its caches, and copy their pages, for every value seen).
+            if isinstance(value, iobase):
                 try:
                     if not value.closed:
                         value.flush()
