@@ -157,6 +157,45 @@ async fn a_run_cannot_reach_its_zygote_and_killing_all_it_sees_ends_only_itself(
     .await;
 }
 
+/// A run's pid 1 (its init) runs in its zygote's memory: the run can read none of it,
+/// stop or kill it, or leave anything on it for the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cannot_read_or_stop_its_init_which_shares_the_zygotes_memory() {
+    bounded(90, async {
+        let t = app_with(one_slot(54_700)).await;
+        let code = "import ctypes, os, signal\n\
+                    libc = ctypes.CDLL(None, use_errno=True)\n\
+                    for name in ('mem', 'maps', 'environ', 'exe', 'stack', 'syscall'):\n    \
+                        try:\n        \
+                            os.readlink('/proc/1/exe') if name == 'exe' else open('/proc/1/' + name, 'rb').read(64)\n        \
+                            print(name, 'READ')\n    \
+                        except OSError as e:\n        \
+                            print(name, e.errno)\n\
+                    buf = ctypes.create_string_buffer(64)\n\
+                    local = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 64)\n\
+                    remote = (ctypes.c_void_p * 2)(0x400000, 64)\n\
+                    print('vm_readv', libc.process_vm_readv(1, local, 1, remote, 1, 0), ctypes.get_errno())\n\
+                    for sig in (signal.SIGSTOP, signal.SIGSEGV, signal.SIGTERM, signal.SIGKILL):\n    \
+                        os.kill(1, sig)\n\
+                    print('init', open('/proc/1/stat').read().split()[2])";
+        let before = zygote_starts(&t).await;
+        let r = run(&t, code).await;
+        assert_eq!(r["status"], "ok", "{r}");
+        // EACCES for every file that needs ptrace access, EPERM from the seccomp filter.
+        assert_eq!(
+            r["stdout"],
+            "mem 13\nmaps 13\nenviron 13\nexe 13\nstack 13\nsyscall 13\nvm_readv -1 1\ninit S\n",
+            "{r}"
+        );
+        // The zygote and the init it cloned for the next run were not touched.
+        let again = run(&t, "import os\nprint(os.getpid(), os.getppid())").await;
+        assert_eq!(again["stdout"], "2 1\n", "{again}");
+        assert_eq!(zygote_starts(&t).await, before + 2);
+        assert_eq!(restarts(&t, "died").await, 0);
+    })
+    .await;
+}
+
 /// Pids of the python processes (the zygotes) running as `uid`.
 fn zygotes_of(uid: u32) -> Vec<i32> {
     let mut pids = Vec::new();

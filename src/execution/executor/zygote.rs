@@ -62,6 +62,9 @@ impl ZygoteSupport {
         if !settings.zygotes {
             return no("turned off by sandbox.zygotes");
         }
+        if !cfg!(target_arch = "x86_64") {
+            return no("the fork server is built for x86_64 only");
+        }
         if !settings.prepare_sandboxes {
             return no("needs sandbox.prepare_sandboxes");
         }

@@ -18,9 +18,11 @@
 //!                                      request, writes its files, drops every privilege;
 //!                                      descriptor 3 holds the argv, n bytes
 //! ```
-//! The init never runs the interpreter (it only makes syscalls in Rust), so it touches,
-//! and copies, almost none of the zygote's pages; the run is a plain `fork` of it, so the
-//! C library's own state (its cached thread id) is right in the run.
+//! The init is a `CLONE_VM` child on a stack of its own: it shares the zygote's memory
+//! (cloning it copies nothing, and its exit frees nothing), and forks the run with the C
+//! library's `fork` while the zygote waits, so the run is the one copy of the zygote's
+//! memory a run costs, and the C library's own state (its cached thread id) is right in
+//! it (see `mde_zygote_clone`).
 //! So the next run is ready (namespaces made, interpreter forked) before its request
 //! comes, and only the request's own work is on its path. There is one run, ready or
 //! running, per zygote at a time: the next is cloned when the last one's init has exited,
@@ -29,7 +31,8 @@
 //! daemon sees a run without a status (and replaces the zygote).
 //!
 //! The process is single-threaded throughout, so the state lives in one `Mutex` that is
-//! never contended, and a forked child may take it.
+//! never contended, and a forked child may take it. The init, which shares the zygote's
+//! memory, never touches it (it gets what it needs in a `CloneRun`).
 
 use std::ffi::{CStr, c_int};
 use std::io::{Read, Write};
@@ -37,6 +40,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
 use super::protocol::{RunRequest, STARTED, Status};
+use super::raw;
 use crate::execution::sandbox::child::{STAGE_OOM_SCORE_C, apply_rlimits, set_oom_score_adj};
 
 /// The descriptors of one run, in the order the daemon sends them.
@@ -83,8 +87,8 @@ struct State {
     init: Option<OwnedFd>,
     /// Consecutive ready runs that died before taking a request.
     failures: u32,
-    /// Between the run's init and the run: the run passes the status pipe over it.
-    pair: Option<OwnedFd>,
+    /// Where each run's init runs (see `mde_zygote_clone`).
+    init_stack: Option<InitStack>,
     run_fds: Vec<OwnedFd>,
     request: Option<RunRequest>,
     argv: Option<OwnedFd>,
@@ -138,9 +142,14 @@ pub(crate) extern "C" fn mde_zygote_init(control_fd: c_int) -> c_int {
         Ok(f) => f,
         Err(_) => return -libc::EINVAL,
     };
+    let stack = match map_init_stack() {
+        Ok(stack) => stack,
+        Err(e) => return e,
+    };
     with_state(|s| {
         s.control = Some(control_fd);
         s.filters = filters;
+        s.init_stack = Some(stack);
     });
     0
 }
@@ -262,84 +271,224 @@ fn receive_fds(control: RawFd) -> std::io::Result<Option<Vec<OwnedFd>>> {
     Ok(Some(fds))
 }
 
-/// Clone the run's init into a new pid namespace. The zygote gets its pid and closes the
-/// run's descriptors (only the init holds them); the init gets 0.
+/// Clone the run's init into a new pid namespace, and have it fork the run. The zygote
+/// gets the init's pid, the run 0; the caller runs its interpreter's before/after-fork
+/// hooks around this call, as its own `fork` would.
 ///
-/// A raw `clone`, not `unshare(CLONE_NEWPID)` and `fork`: that would fix the zygote's
-/// children's namespace for good (a second unshare fails, and going back needs privileges
-/// the zygote lacks in the namespace's owner). The caller runs its interpreter's
-/// before/after-fork hooks around this call, as its own `fork` would.
+/// How, so that a run costs one copy of the zygote's memory, not two: the init is a
+/// `CLONE_VM` child on a stack of its own (sharing the zygote's memory, so cloning it
+/// copies nothing), and the zygote waits, parked in a `read`, while the init makes the
+/// run's namespaces and mounts and forks the run. The fork copies the memory as it is
+/// then, with the zygote's frames stopped inside [`raw::fork_point`]; the run resumes
+/// them there, returning 0, as if it had been the zygote. Only then does the zygote
+/// go on; from there the init, which shares its memory, makes only raw system calls on
+/// its own stack (no allocation, no `errno`, no lock: see [`supervise`]).
+///
+/// Not `unshare(CLONE_NEWPID)` and `fork`: that would fix the zygote's children's
+/// namespace for good (a second unshare fails, and going back needs privileges the
+/// zygote lacks in the namespace's owner).
 #[unsafe(no_mangle)]
 pub(crate) extern "C" fn mde_zygote_clone() -> c_int {
-    let flags =
-        (libc::CLONE_NEWPID | libc::CLONE_PIDFD) as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
-    let mut pidfd: c_int = -1;
-    // SAFETY: clone without CLONE_VM or a new stack behaves as fork: the child continues
-    // here on a copy of this (single-threaded) process. With CLONE_PIDFD the kernel writes
-    // a pidfd of the child to the third argument (x86_64's order: flags, stack, parent
-    // tid pointer, child tid pointer, tls).
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            flags,
-            0usize,
-            &mut pidfd as *mut c_int,
-            0usize,
-            0usize,
-        )
+    let Some(stack) = with_state(|s| s.init_stack) else {
+        return -libc::EINVAL;
     };
-    // The zygote keeps only its end of the `taken` pipe (the run's end is in `run_fds`).
-    if pid < 0 {
-        let e = errno();
-        with_state(|s| {
-            s.run_fds.clear();
-            s.taken = None;
-        });
-        return e;
-    }
-    if pid > 0 {
-        // SAFETY: the kernel made this descriptor for us.
-        let init = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
-        with_state(|s| {
-            s.run_fds.clear();
-            s.init = init;
-        });
-    } else {
+    // The last init, which shared this memory, has exited (see `mde_zygote_next`): forget
+    // what it left on its stack (the last run's status) before the next run copies it.
+    // SAFETY: our own mapping, used by no one now.
+    unsafe { libc::madvise(stack.base.cast(), stack.len, libc::MADV_DONTNEED) };
+    let mut fork = CloneRun {
+        stack_top: stack.base as usize + stack.len,
+        ..CloneRun::default()
+    };
+    // SAFETY: `clone_run` takes the pointer, which points at `fork`'s first field.
+    let pid = unsafe { raw::fork_point(&mut fork.registers, clone_run) };
+    if pid == 0 {
+        // The run: its own copies of the zygote's state (the init never touched it).
+        raw::close(fork.pair[0]);
+        // SAFETY: a descriptor the run holds, now its own.
+        let theirs = unsafe { OwnedFd::from_raw_fd(fork.pair[1]) };
         with_state(|s| {
             s.taken = None;
             s.init = None;
+            s.run_fds.push(theirs);
         });
-        return init_and_fork();
+        return 0;
     }
-    pid as c_int
+    // The zygote keeps only its end of the `taken` pipe (the run's end is in `run_fds`).
+    with_state(|s| {
+        s.run_fds.clear();
+        if pid < 0 {
+            s.taken = None;
+        } else {
+            // SAFETY: the kernel made this descriptor for us.
+            s.init = (fork.pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fork.pidfd) });
+        }
+    });
+    pid
 }
 
-/// In the run's init, just cloned: make the run's namespaces and mounts, fork the run
-/// (which returns 0 to the caller), and supervise it (never returning).
-fn init_and_fork() -> c_int {
-    if let Err(e) = run_init() {
-        eprintln!(
-            "mixed-docker-executor zygote: a run's set-up failed: errno {}",
-            -e
+/// The init's stack: mapped once, with a guard page below it.
+#[derive(Clone, Copy)]
+struct InitStack {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a mapping address, used by this single-threaded process only.
+unsafe impl Send for InitStack {}
+
+const INIT_STACK_BYTES: usize = 256 << 10;
+
+fn map_init_stack() -> Result<InitStack, c_int> {
+    let page = 4096;
+    // SAFETY: a fresh private mapping; its lowest page is made inaccessible.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            INIT_STACK_BYTES + page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
         );
-        // SAFETY: ending this process.
-        unsafe { libc::_exit(72) }
-    }
-    // SAFETY: this process is single-threaded; the child only returns to the caller.
-    match unsafe { libc::fork() } {
-        0 => 0,
-        -1 => {
-            // SAFETY: ending this process.
-            unsafe { libc::_exit(73) }
+        if map == libc::MAP_FAILED {
+            return Err(errno());
         }
-        run => supervise(run),
+        check(libc::mprotect(map, page, libc::PROT_NONE))?;
+        Ok(InitStack {
+            base: map.cast::<u8>().add(page),
+            len: INIT_STACK_BYTES,
+        })
+    }
+}
+
+/// What the zygote, the init and the run pass each other through one clone (all in the
+/// memory they share, or copied at the fork).
+#[repr(C)]
+#[derive(Default)]
+struct CloneRun {
+    /// First: `fork_point` and `clone_run` see a pointer to it.
+    registers: raw::Registers,
+    stack_top: usize,
+    /// The zygote's signal mask before it blocked every signal around the clone.
+    mask: u64,
+    /// The init writes to `sync[1]` once the run is forked; the zygote waits on `sync[0]`.
+    sync: [c_int; 2],
+    /// The init's and the run's ends of the pair the run passes its status pipe over.
+    pair: [c_int; 2],
+    pidfd: c_int,
+}
+
+/// The zygote's half of `mde_zygote_clone`, inside the fork point: clone the init and
+/// wait until it has forked the run (or died). Returns the init's pid.
+unsafe extern "C" fn clone_run(registers: *mut raw::Registers) -> c_int {
+    // SAFETY: `registers` is the first field of a `CloneRun` (repr(C)).
+    let fork = unsafe { &mut *registers.cast::<CloneRun>() };
+    let all: u64 = !0;
+    // SAFETY: plain system calls on our own memory and descriptors.
+    unsafe {
+        // Nothing runs a handler of the interpreter's in the init (on its stack, in
+        // this memory); the run sets the mask back before it resumes.
+        raw::call(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK as usize,
+            &all as *const u64 as usize,
+            &mut fork.mask as *mut u64 as usize,
+            8,
+        );
+        let restore = |fork: &CloneRun| {
+            raw::call(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK as usize,
+                &fork.mask as *const u64 as usize,
+                0,
+                8,
+            )
+        };
+        if libc::pipe2(fork.sync.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            let e = errno();
+            restore(fork);
+            return e;
+        }
+        fork.pidfd = -1;
+        let flags = libc::CLONE_VM | libc::CLONE_NEWPID | libc::CLONE_PIDFD | libc::SIGCHLD;
+        let pid = libc::clone(
+            init_main,
+            fork.stack_top as *mut libc::c_void,
+            flags,
+            (fork as *mut CloneRun).cast(),
+            &mut fork.pidfd as *mut c_int,
+        );
+        let clone_error = errno();
+        libc::close(fork.sync[1]);
+        if pid > 0 {
+            // Until the init has forked the run, or died trying (then the read ends).
+            let mut byte = 0u8;
+            while libc::read(fork.sync[0], (&mut byte as *mut u8).cast(), 1) < 0
+                && *libc::__errno_location() == libc::EINTR
+            {}
+        }
+        libc::close(fork.sync[0]);
+        restore(fork);
+        if pid < 0 { clone_error } else { pid }
+    }
+}
+
+/// The run's init, on its own stack in the zygote's memory, the zygote parked: make the
+/// run's namespaces and mounts, fork the run (which resumes the zygote's frames), let
+/// the zygote go on, and supervise the run. Never returns.
+extern "C" fn init_main(arg: *mut libc::c_void) -> c_int {
+    // SAFETY: the zygote passed its `CloneRun`, alive while it waits on `sync`.
+    let fork = unsafe { &mut *arg.cast::<CloneRun>() };
+    raw::close(fork.sync[0]);
+    match run_init() {
+        Ok(pair) => fork.pair = pair,
+        Err(e) => {
+            eprintln!(
+                "mixed-docker-executor zygote: a run's set-up failed: errno {}",
+                -e
+            );
+            raw::exit_group(72);
+        }
+    }
+    // SAFETY: the zygote is parked in a read, so this process is the memory's only user
+    // (the C library's locks are free); the child only resumes the zygote's frames.
+    match unsafe { libc::fork() } {
+        0 => {
+            raw::close(fork.sync[1]);
+            // SAFETY: set back the zygote's mask, then return 0 from its fork point in
+            // this fork of its memory.
+            unsafe {
+                raw::call(
+                    libc::SYS_rt_sigprocmask,
+                    libc::SIG_SETMASK as usize,
+                    &fork.mask as *const u64 as usize,
+                    0,
+                    8,
+                );
+                raw::resume(&fork.registers)
+            }
+        }
+        -1 => raw::exit_group(73),
+        run => {
+            let ours = fork.pair[0];
+            raw::close(fork.pair[1]);
+            let sync = fork.sync[1];
+            // From this write on, the zygote runs again in this memory: `fork` (its
+            // stack) is gone, and only raw system calls on this stack follow.
+            // SAFETY: one byte from a static to our end of the pipe.
+            unsafe { raw::call(libc::SYS_write, sync as usize, b"f".as_ptr() as usize, 1, 0) };
+            raw::close(sync);
+            supervise(run, ours)
+        }
     }
 }
 
 /// In the run's init (pid 1), before any request: new mount, network, ipc and uts
 /// namespaces; a fresh /proc; one fresh tmpfs behind `/box`, `/tmp` and `/dev/shm`;
-/// loopback up; the socket pair over which the run will pass its status pipe.
-fn run_init() -> Result<(), c_int> {
+/// loopback up; the socket pair over which the run will pass its status pipe (the init's
+/// end first).
+fn run_init() -> Result<[c_int; 2], c_int> {
     // SAFETY: plain system calls with constant or owned arguments.
     unsafe {
         // The run's init waits for the run itself.
@@ -362,20 +511,17 @@ fn run_init() -> Result<(), c_int> {
     loopback_up()?;
     // SAFETY: a static path.
     check(unsafe { libc::chdir(c"/box".as_ptr()) })?;
-    let (ours, theirs) = nix::sys::socket::socketpair(
-        nix::sys::socket::AddressFamily::Unix,
-        nix::sys::socket::SockType::SeqPacket,
-        None,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| -(e as c_int))?;
-    // The init keeps `ours` (in `pair`) and the run `theirs`: each drops the other's end
-    // when it starts (see `supervise` and `take_run`).
-    with_state(|s| {
-        s.pair = Some(ours);
-        s.run_fds.push(theirs);
-    });
-    Ok(())
+    let mut pair = [-1; 2];
+    // SAFETY: socketpair into a local array.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    })?;
+    Ok(pair)
 }
 
 /// In the run, once a request came: read it, give its tmpfs the run's size, write its
@@ -569,57 +715,85 @@ fn argv_memfd(argv: &[Vec<u8>]) -> Result<(OwnedFd, usize), c_int> {
     Ok((OwnedFd::from(file), bytes.len()))
 }
 
-/// In the run's init, once the run is forked: hold nothing but the status pipe, wait for
-/// the run, then kill and reap everything else in the namespace, and report. Never
-/// returns.
-fn supervise(run: c_int) -> c_int {
+/// In the run's init, once the run is forked and the zygote runs again in this memory:
+/// hold nothing but the status pipe, wait for the run, then kill and reap everything else
+/// in the namespace, and report. Only raw system calls on this stack: the C library's
+/// state (`errno`, its allocator, its locks) is the zygote's now.
+fn supervise(run: c_int, pair: c_int) -> ! {
     // The run passes the status pipe once it has taken a request; if it dies first, there
     // is nothing to report (the zygote sees its `taken` pipe close and clones another).
-    let pair = with_state(|s| {
-        s.run_fds.clear();
-        s.pair.take()
-    });
-    let status = pair
-        .and_then(|pair| receive_fds(pair.as_raw_fd()).ok().flatten())
-        .and_then(|mut fds| fds.pop());
-    let Some(status) = status else {
-        // SAFETY: ending this process.
-        unsafe { libc::_exit(0) }
+    let Some(status_fd) = receive_status_fd(pair) else {
+        raw::exit_group(0)
     };
-    let status_fd = status.as_raw_fd();
-    // SAFETY: plain system calls on our own descriptors; this process only waits from here.
+    // SAFETY: raw system calls on our own descriptors and stack.
     unsafe {
         // No handler of the interpreter's: as pid 1 it then drops every signal the run
-        // sends it, as the stage-exec helper does.
-        crate::execution::sandbox::child::reset_signals();
-        let kept = libc::fcntl(status_fd, libc::F_DUPFD_CLOEXEC, 0);
+        // sends it. (Every signal stays blocked, as the zygote cloned us: waiting for
+        // children needs none.)
+        let default = [0u64; 4];
+        for sig in 1..=64usize {
+            raw::call(libc::SYS_rt_sigaction, sig, default.as_ptr() as usize, 0, 8);
+        }
+        let kept = raw::call(
+            libc::SYS_fcntl,
+            status_fd as usize,
+            libc::F_DUPFD_CLOEXEC as usize,
+            0,
+            0,
+        );
         if kept < 0 {
-            libc::_exit(70);
+            raw::exit_group(70);
         }
         // Nothing of the run's stdio or request stays open here, so its pipes reach EOF
         // with the run's own processes.
-        for fd in 0..kept {
-            libc::close(fd);
+        for fd in 0..kept as c_int {
+            raw::close(fd);
         }
-        libc::syscall(libc::SYS_close_range, kept as u32 + 1, u32::MAX, 0u32);
+        raw::call(
+            libc::SYS_close_range,
+            kept as usize + 1,
+            u32::MAX as usize,
+            0,
+            0,
+        );
         let mut status: c_int = 0;
         let mut usage: libc::rusage = std::mem::zeroed();
         loop {
-            let r = libc::wait4(-1, &mut status, libc::__WALL, &mut usage);
-            if r == run {
+            let r = raw::call(
+                libc::SYS_wait4,
+                -1isize as usize,
+                &mut status as *mut c_int as usize,
+                libc::__WALL as usize,
+                &mut usage as *mut libc::rusage as usize,
+            );
+            if r == run as isize {
                 break;
             }
-            if r < 0 && *libc::__errno_location() != libc::EINTR {
-                libc::_exit(71);
+            if r < 0 && r != -(libc::EINTR as isize) {
+                raw::exit_group(71);
             }
         }
         // As a cold sandbox ends with its stage: nothing the run left behind outlives it,
         // and the status is only sent once the namespace is empty but for us.
-        libc::kill(-1, libc::SIGKILL);
-        let mut ignored: c_int = 0;
-        while libc::waitpid(-1, &mut ignored, libc::__WALL) > 0
-            || *libc::__errno_location() == libc::EINTR
-        {}
+        raw::call(
+            libc::SYS_kill,
+            -1isize as usize,
+            libc::SIGKILL as usize,
+            0,
+            0,
+        );
+        loop {
+            let r = raw::call(
+                libc::SYS_wait4,
+                -1isize as usize,
+                0,
+                libc::__WALL as usize,
+                0,
+            );
+            if r <= 0 && r != -(libc::EINTR as isize) {
+                break;
+            }
+        }
         let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
         let report = Status {
             wait_status: status,
@@ -627,8 +801,66 @@ fn supervise(run: c_int) -> c_int {
             maxrss_kb: usage.ru_maxrss as u64,
         }
         .encode();
-        libc::write(kept, report.as_ptr().cast(), report.len());
-        libc::_exit(0)
+        raw::call(
+            libc::SYS_write,
+            kept as usize,
+            report.as_ptr() as usize,
+            report.len(),
+            0,
+        );
+    }
+    raw::exit_group(0)
+}
+
+/// The one descriptor the run sends over the pair (its status pipe), received into this
+/// stack with a raw `recvmsg`.
+fn receive_status_fd(pair: c_int) -> Option<c_int> {
+    #[repr(C, align(8))]
+    struct Control([u8; 64]);
+    let mut byte = 0u8;
+    let mut control = Control([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: (&mut byte as *mut u8).cast(),
+        iov_len: 1,
+    };
+    // SAFETY: a zeroed msghdr is valid; its pointers are set to locals below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = control.0.len();
+    loop {
+        // SAFETY: recvmsg into the locals `msg` points at.
+        let n = unsafe {
+            raw::call(
+                libc::SYS_recvmsg,
+                pair as usize,
+                &mut msg as *mut libc::msghdr as usize,
+                libc::MSG_CMSG_CLOEXEC as usize,
+                0,
+            )
+        };
+        if n == -(libc::EINTR as isize) {
+            continue;
+        }
+        if n <= 0 {
+            return None;
+        }
+        break;
+    }
+    // The first control message, read by hand (the CMSG macros are the C library's).
+    let header = std::mem::size_of::<libc::cmsghdr>();
+    if msg.msg_controllen < header + std::mem::size_of::<c_int>() {
+        return None;
+    }
+    // SAFETY: the kernel filled at least one header and a descriptor into `control`,
+    // which is aligned for both.
+    unsafe {
+        let cmsg = &*control.0.as_ptr().cast::<libc::cmsghdr>();
+        if cmsg.cmsg_level != libc::SOL_SOCKET || cmsg.cmsg_type != libc::SCM_RIGHTS {
+            return None;
+        }
+        Some(control.0.as_ptr().add(header).cast::<c_int>().read())
     }
 }
 
@@ -646,10 +878,7 @@ pub(crate) extern "C" fn mde_run_enter() -> c_int {
 /// In the ready run: wait for a request's descriptors on the zygote's socket, hand the
 /// status pipe to the init, and tell the zygote to ready the next run.
 fn take_run() -> Result<(), c_int> {
-    let (control, mut held) = with_state(|s| {
-        s.pair = None;
-        (s.control, std::mem::take(&mut s.run_fds))
-    });
+    let (control, mut held) = with_state(|s| (s.control, std::mem::take(&mut s.run_fds)));
     let control = control.ok_or(-libc::EBADF)?;
     let (Some(to_init), Some(taken)) = (held.pop(), held.pop()) else {
         return Err(-libc::EBADF);

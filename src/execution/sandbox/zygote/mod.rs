@@ -11,9 +11,11 @@
 //! loop that calls them is the language's (`executor/warm.rs` holds python's).
 //!
 //! Ahead of each run, the zygote clones a child into a new pid namespace (the run's
-//! init), which makes new mount, network, ipc and uts namespaces, mounts a fresh `/proc`
-//! and a fresh tmpfs for `/box`, `/tmp` and `/dev/shm`, and forks the run as pid 2 (as in a
-//! cold sandbox, where the stage-exec helper is pid 1). The run waits on the zygote's unix
+//! init, which shares the zygote's memory and runs only Rust), which makes new mount,
+//! network, ipc and uts namespaces, mounts a fresh `/proc` and a fresh tmpfs for `/box`,
+//! `/tmp` and `/dev/shm`, and forks the run as pid 2 (as in a cold sandbox, where the
+//! stage-exec helper is pid 1); the run resumes the zygote's interpreter where it called
+//! the clone. The run waits on the zygote's unix
 //! socket for the daemon's one message, which carries only descriptors: the request pipe,
 //! the status pipe and the run's stdin, stdout and stderr; the zygote itself never reads
 //! one. The run reads its request (files, argv, rlimits, work dir size), sizes the tmpfs,
@@ -23,8 +25,12 @@
 //! after it has killed and reaped everything else left in the namespace; when it exits,
 //! the zygote readies the next run.
 
+// The fork point is x86_64 assembly; elsewhere runtimes run warm (see `executor/zygote.rs`).
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod fork_server;
 mod protocol;
+#[cfg(target_arch = "x86_64")]
+mod raw;
 
 pub(crate) use protocol::{RunRequest, STARTED, STATUS_LEN, Status};
 
