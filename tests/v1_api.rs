@@ -397,6 +397,19 @@ async fn invalid_requests_get_typed_errors() {
             "workdir_bytes",
         )
         .await;
+        // Under 1 MiB of bytes, but a tmpfs stores each of these 63 files in five 4 KiB
+        // pages: 1.3 MiB, which could not all be written.
+        let mut files = vec![json!({"name": "main.py", "content": "print(1)"})];
+        files.extend(
+            (0..63).map(|i| json!({"name": format!("f{i}"), "content": "x".repeat(16_385)})),
+        );
+        expect_422(
+            &t,
+            json!({"files": files, "limits": {"workdir_bytes": 1 << 20}}),
+            "invalid_request",
+            "whole memory pages",
+        )
+        .await;
         // None of that upset the slots: the next run is normal.
         let r = t.execute(json!({"code": "print('still fine')"})).await;
         assert_eq!(r["run"]["stdout"], "still fine\n");
@@ -577,6 +590,7 @@ async fn warm_and_zygote_pythons_behave_like_a_cold_one() {
             "print(\n",
             "import sys\nprint(sys.argv, __name__, __file__, sys.path[:2], sys.flags.dont_write_bytecode,\n      [m for m in ('json', 'types', 'resource') if m in sys.modules])",
             "print(type(__builtins__).__name__, type(__loader__).__name__, __spec__, __doc__)",
+            "import os, sys\nprint(__annotations__, sorted(vars(sys.modules['__main__'])), os.getpgid(0), os.getsid(0))",
             "print(input()[::-1])",
             "import sys\nprint('out'); sys.exit(3)",
             "import os\nos.kill(os.getpid(), 9)",

@@ -196,6 +196,31 @@ async fn a_run_cannot_read_or_stop_its_init_which_shares_the_zygotes_memory() {
     .await;
 }
 
+/// A run has a session and process group of its own, as in a cold sandbox: signalling
+/// its whole group reaches neither its zygote nor the sandbox's init.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_signalling_its_process_group_reaches_only_itself() {
+    bounded(90, async {
+        let t = app_with(one_slot(54_800)).await;
+        let code = "import os, signal, time\n\
+                    print(os.getpgid(0), os.getsid(0))\n\
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTSTP):\n    \
+                        signal.signal(sig, signal.SIG_IGN)\n    \
+                        os.kill(0, sig)\n\
+                    time.sleep(0.3)\n\
+                    print('still here', flush=True)";
+        let before = zygote_starts(&t).await;
+        let r = run(&t, code).await;
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(r["stdout"], "1 1\nstill here\n", "{r}");
+        let again = run(&t, "print('next')").await;
+        assert_eq!(again["stdout"], "next\n", "{again}");
+        assert_eq!(zygote_starts(&t).await, before + 2);
+        assert_eq!(restarts(&t, "died").await, 0);
+    })
+    .await;
+}
+
 /// Pids of the python processes (the zygotes) running as `uid`.
 fn zygotes_of(uid: u32) -> Vec<i32> {
     let mut pids = Vec::new();

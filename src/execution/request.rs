@@ -62,7 +62,7 @@ impl ExecutionRequest {
         let mut total: u64 = 0;
         for (i, file) in self.files.iter().enumerate() {
             crate::file_names::validate(&file.name)?;
-            total += file.content.len() as u64;
+            total += pages_taken(file.content.len() as u64);
             for other in &self.files[i + 1..] {
                 let (a, b) = (&file.name, &other.name);
                 if a == b || b.starts_with(&format!("{a}/")) || a.starts_with(&format!("{b}/")) {
@@ -78,6 +78,17 @@ impl ExecutionRequest {
         }
         Ok(())
     }
+}
+
+/// The bytes a file of `len` bytes takes in a tmpfs: whole pages (an empty one, none).
+/// Counting raw bytes would accept files that cannot all be written.
+fn pages_taken(len: u64) -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as u64,
+        _ => 4096,
+    };
+    len.div_ceil(page) * page
 }
 
 /// Arguments the kernel would refuse to exec (too many, too long, a NUL), refused alike
@@ -122,7 +133,7 @@ pub enum InvalidRequest {
     #[error("file names `{0}` and `{1}` collide")]
     Collide(String, String),
     #[error(
-        "the files hold {total} bytes, more than the work dir's {room} (limit `workdir_bytes`)"
+        "the files take {total} bytes of the work dir (each file counts in whole memory pages, as the work dir's tmpfs stores it), more than its {room} (limit `workdir_bytes`)"
     )]
     FilesTooLarge { total: u64, room: u64 },
 }

@@ -125,6 +125,7 @@ const PYTHON_TAKE: &str = r#"def _mde_take(data, before, os=_mde_os):
     main = type(sys)('__main__')
     main.__file__ = path
     main.__cached__ = None
+    main.__annotations__ = {}
     main.__builtins__ = sys.modules['builtins']
     external = sys.modules.get('_frozen_importlib_external')
     if external is not None:

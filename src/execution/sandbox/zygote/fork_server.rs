@@ -484,8 +484,8 @@ extern "C" fn init_main(arg: *mut libc::c_void) -> c_int {
     }
 }
 
-/// In the run's init (pid 1), before any request: new mount, network, ipc and uts
-/// namespaces; a fresh /proc; one fresh tmpfs behind `/box`, `/tmp` and `/dev/shm`;
+/// In the run's init (pid 1), before any request: a new session; new mount, network, ipc
+/// and uts namespaces; a fresh /proc; one fresh tmpfs behind `/box`, `/tmp` and `/dev/shm`;
 /// loopback up; the socket pair over which the run will pass its status pipe (the init's
 /// end first).
 fn run_init() -> Result<[c_int; 2], c_int> {
@@ -495,6 +495,10 @@ fn run_init() -> Result<[c_int; 2], c_int> {
         if libc::signal(libc::SIGCHLD, libc::SIG_DFL) == libc::SIG_ERR {
             return Err(errno());
         }
+        // A session and process group of its own, which the run inherits as in a cold
+        // sandbox (1 and 1): the zygote's group would let `kill(0, ...)` reach the zygote
+        // and the sandbox's own init, outside the run's pid namespace.
+        check(libc::setsid())?;
         check(libc::unshare(
             libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
         ))?;
