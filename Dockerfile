@@ -22,7 +22,7 @@
 
 # ---------------------------------------------------------------------------------------
 # Build stage: the official Rust image (Debian bookworm, current stable Rust; the crate
-# needs edition 2024, i.e. Rust >= 1.85, newer than Debian's rustc).
+# needs edition 2024, and naked functions, i.e. Rust >= 1.88, newer than Debian's rustc).
 # ---------------------------------------------------------------------------------------
 FROM rust:1-bookworm AS build
 WORKDIR /build

@@ -34,10 +34,10 @@ impl GroupDaemon {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = reqwest::get(format!("{}/ready", daemon.base)).await {
-                if r.status().is_success() {
-                    return daemon;
-                }
+            if let Ok(r) = reqwest::get(format!("{}/ready", daemon.base)).await
+                && r.status().is_success()
+            {
+                return daemon;
             }
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("daemon exited early with {status}");

@@ -69,10 +69,10 @@ fn start_replica(uid_base: &str, dir: &std::path::Path) -> Replica {
 async fn wait_ready(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
-        if let Ok(r) = reqwest::get(url).await {
-            if r.status().is_success() {
-                return;
-            }
+        if let Ok(r) = reqwest::get(url).await
+            && r.status().is_success()
+        {
+            return;
         }
         assert!(Instant::now() < deadline, "{url} did not become ready");
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -398,7 +398,7 @@ async fn invalid_requests_get_typed_errors() {
         )
         .await;
         // Under 1 MiB of bytes, but a tmpfs stores each of these 63 files in five 4 KiB
-        // pages: 1.3 MiB, which could not all be written.
+        // pages: 1.23 MiB, which could not all be written.
         let mut files = vec![json!({"name": "main.py", "content": "print(1)"})];
         files.extend(
             (0..63).map(|i| json!({"name": format!("f{i}"), "content": "x".repeat(16_385)})),

@@ -173,13 +173,14 @@ impl HealthApi {
             .filter(|r| r.zygote && r.availability.available)
             .map(|r| r.name.as_str())
             .collect();
-        if let crate::execution::ZygoteSupport::Unavailable(why) = &info.zygotes {
-            if !opted_in.is_empty() && state.settings.sandbox.zygotes {
-                warnings.push(format!(
-                    "runtimes {} start without a zygote (one interpreter start per run): {why}",
-                    opted_in.join(", ")
-                ));
-            }
+        if let crate::execution::ZygoteSupport::Unavailable(why) = &info.zygotes
+            && !opted_in.is_empty()
+            && state.settings.sandbox.zygotes
+        {
+            warnings.push(format!(
+                "runtimes {} start without a zygote (one interpreter start per run): {why}",
+                opted_in.join(", ")
+            ));
         }
         if let Some(error) = state.executor.zygote_start_error() {
             warnings.push(format!(

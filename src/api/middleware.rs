@@ -35,10 +35,9 @@ pub(super) async fn allow_on_405<E: Endpoint>(ep: Arc<E>, req: Request) -> poem:
     let mut resp = ep.call(req).await?.into_response();
     if resp.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED
         && !resp.headers().contains_key("allow")
+        && let Some(value) = allowed_methods(&path).and_then(|m| m.parse().ok())
     {
-        if let Some(value) = allowed_methods(&path).and_then(|m| m.parse().ok()) {
-            resp.headers_mut().insert(poem::http::header::ALLOW, value);
-        }
+        resp.headers_mut().insert(poem::http::header::ALLOW, value);
     }
     Ok(resp)
 }

@@ -346,10 +346,10 @@ impl<'a> ApiExtractor<'a> for PistonBody {
         body: &mut RequestBody,
         _param_opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
-        if let Some(content_type) = request.content_type() {
-            if !accepted_media_type(content_type) {
-                return Ok(PistonBody::Unsupported(content_type.to_string()));
-            }
+        if let Some(content_type) = request.content_type()
+            && !accepted_media_type(content_type)
+        {
+            return Ok(PistonBody::Unsupported(content_type.to_string()));
         }
         let bytes = body.take()?.into_vec().await?;
         Ok(PistonBody::Bytes(bytes))
@@ -764,7 +764,7 @@ fn decode(content: &str, encoding: PistonEncoding) -> Result<Vec<u8>, DecodeErro
         }
         PistonEncoding::Hex => {
             let digits = content.trim().as_bytes();
-            if digits.len() % 2 != 0 {
+            if !digits.len().is_multiple_of(2) {
                 return Err(DecodeError::Hex("an odd number of digits"));
             }
             digits

@@ -72,7 +72,7 @@ impl LimitKind {
             LimitKind::CpuTime => {
                 format!("stopped at the CPU-time limit of {} ms", limits.cpu_time_ms)
             }
-            LimitKind::Memory if limits.memory_bytes % MIB == 0 => format!(
+            LimitKind::Memory if limits.memory_bytes.is_multiple_of(MIB) => format!(
                 "killed at the memory limit of {} MiB",
                 limits.memory_bytes / MIB
             ),

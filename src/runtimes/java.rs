@@ -17,16 +17,14 @@ fn top_level_types(source: &[u8]) -> Vec<(String, bool, bool)> {
     for &token in &tokens {
         match token {
             "{" => {
-                if depth == 0 {
-                    if let Some(at) = statement
+                if depth == 0
+                    && let Some(at) = statement
                         .iter()
                         .position(|t| matches!(*t, "class" | "interface" | "enum" | "record"))
-                    {
-                        if let Some(name) = statement.get(at + 1).filter(|n| is_identifier(n)) {
-                            let public = statement[..at].contains(&"public");
-                            types.push((name.to_string(), public, false));
-                        }
-                    }
+                    && let Some(name) = statement.get(at + 1).filter(|n| is_identifier(n))
+                {
+                    let public = statement[..at].contains(&"public");
+                    types.push((name.to_string(), public, false));
                 }
                 depth += 1;
                 statement.clear();

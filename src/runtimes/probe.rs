@@ -67,15 +67,15 @@ async fn probe_one(mut runtime: Runtime, path: &str) -> Runtime {
             return runtime;
         }
     }
-    if runtime.version.is_none() {
-        if let Some(command) = runtime.version_command.clone() {
-            runtime.version = detect_version(&command, path).await;
-            if runtime.version.is_none() {
-                // Say so: otherwise `/api/v1/runtimes` shows `version` missing with no clue
-                // (mawk, Debian's awk, refuses `--version`; it wants `-W version`).
-                tracing::warn!(runtime = %runtime.name, command = ?command,
+    if runtime.version.is_none()
+        && let Some(command) = runtime.version_command.clone()
+    {
+        runtime.version = detect_version(&command, path).await;
+        if runtime.version.is_none() {
+            // Say so: otherwise `/api/v1/runtimes` shows `version` missing with no clue
+            // (mawk, Debian's awk, refuses `--version`; it wants `-W version`).
+            tracing::warn!(runtime = %runtime.name, command = ?command,
                     "the version command printed no version (wrong flag, or a timeout)");
-            }
         }
     }
     runtime

@@ -63,14 +63,14 @@ pub(super) fn validate(
         if entry.run.is_empty() || entry.run[0].trim().is_empty() {
             return Err(entry_error(name, "run", "must name a command".into()));
         }
-        if let Some(compile) = &entry.compile {
-            if compile.command.is_empty() || compile.command[0].trim().is_empty() {
-                return Err(entry_error(
-                    name,
-                    "compile.command",
-                    "must name a command".into(),
-                ));
-            }
+        if let Some(compile) = &entry.compile
+            && (compile.command.is_empty() || compile.command[0].trim().is_empty())
+        {
+            return Err(entry_error(
+                name,
+                "compile.command",
+                "must name a command".into(),
+            ));
         }
         if entry.warm.is_some() {
             if entry.compile.is_some() {
@@ -157,14 +157,14 @@ pub(super) fn validate(
                 reason: None,
             },
         });
-        if let Some(cmd) = &entry.version_command {
-            if cmd.is_empty() {
-                return Err(entry_error(
-                    name,
-                    "version_command",
-                    "must name a command".into(),
-                ));
-            }
+        if let Some(cmd) = &entry.version_command
+            && cmd.is_empty()
+        {
+            return Err(entry_error(
+                name,
+                "version_command",
+                "must name a command".into(),
+            ));
         }
     }
     if !seen.contains_key(&file.default.to_ascii_lowercase()) {

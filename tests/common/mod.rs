@@ -249,10 +249,10 @@ pub async fn start_with_args(args: &[&str], extra_env: &[(&str, &str)]) -> Daemo
     let mut daemon = Daemon { child, base, port };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(resp) = reqwest::get(format!("{}/health", daemon.base)).await {
-            if resp.status().is_success() {
-                return daemon;
-            }
+        if let Ok(resp) = reqwest::get(format!("{}/health", daemon.base)).await
+            && resp.status().is_success()
+        {
+            return daemon;
         }
         if let Ok(Some(status)) = daemon.child.try_wait() {
             panic!("daemon exited early with {status}");

@@ -297,10 +297,9 @@ impl Executor {
                 && cg
                     .usage_bytes()
                     .is_none_or(|used| used > limits.memory_bytes / 4)
+                && let Some(p) = prepared.take()
             {
-                if let Some(p) = prepared.take() {
-                    p.discard(Some(cg)).await;
-                }
+                p.discard(Some(cg)).await;
             }
             if let Err(e) = cg.prepare(limits.memory_bytes) {
                 if let Some(p) = prepared.take() {

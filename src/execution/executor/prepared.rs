@@ -210,11 +210,11 @@ impl Executor {
             binds,
         };
         // Written once the helper runs (a pipe holds only so much before it is read).
-        if let Some((control, json)) = warm_command {
-            if !hand_over(control, json).await {
-                sandbox.discard(slot.cgroup.as_ref()).await;
-                return Err(ExecutorError::HandOverFailed);
-            }
+        if let Some((control, json)) = warm_command
+            && !hand_over(control, json).await
+        {
+            sandbox.discard(slot.cgroup.as_ref()).await;
+            return Err(ExecutorError::HandOverFailed);
         }
         Ok(sandbox)
     }

@@ -123,10 +123,11 @@ const PYTHON_TAKE: &str = r#"def _mde_take(data, before, os=_mde_os):
     sys.argv = argv
     sys.path.insert(0, os.path.dirname(path))
     main = type(sys)('__main__')
-    main.__file__ = path
-    main.__cached__ = None
+    # In the order python's own __main__ has them.
     main.__annotations__ = {}
     main.__builtins__ = sys.modules['builtins']
+    main.__file__ = path
+    main.__cached__ = None
     external = sys.modules.get('_frozen_importlib_external')
     if external is not None:
         main.__loader__ = external.SourceFileLoader('__main__', path)
@@ -198,7 +199,7 @@ def _mde_fork():
         while len(data) < size:
             chunk = os.read(3, size - len(data))
             if not chunk:
-                break
+                os._exit(75)
             data += chunk
         os.close(3)
         return data

@@ -311,11 +311,11 @@ impl Drop for SlotPool {
             if let Some(cg) = &slot.cgroup {
                 cg.remove();
             }
-            if slot.mounted {
-                if let Ok(c) = std::ffi::CString::new(slot.dir.as_os_str().as_encoded_bytes()) {
-                    // SAFETY: `c` is a valid C string for the duration of the call.
-                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-                }
+            if slot.mounted
+                && let Ok(c) = std::ffi::CString::new(slot.dir.as_os_str().as_encoded_bytes())
+            {
+                // SAFETY: `c` is a valid C string for the duration of the call.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
             }
         }
         if let Some(root) = &self.cgroup_root {

@@ -101,8 +101,8 @@ const SYS_OPEN_TREE_ATTR: libc::c_long = 467;
 /// The socket families a submission may open (see the module docs).
 const SOCKET_FAMILIES: &[libc::c_int] = &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6];
 
-/// x32 syscalls (x86_64 numbers with this bit set) share the x86_64 audit arch, so the
-/// arch check does not stop them: deny the x32 numbers of the denied syscalls too.
+/// x32 syscalls (numbers with this bit set) share the x86_64 audit arch, so the arch
+/// check does not stop them: [`refuse_x32`] answers all of them.
 #[cfg(target_arch = "x86_64")]
 const X32_BIT: libc::c_long = 0x4000_0000;
 
@@ -138,14 +138,6 @@ fn separate_programs() -> Result<Vec<BpfProgram>, SandboxError> {
         .chain(DENIED_ARCH)
         .map(|&nr| (nr, Vec::new()))
         .collect();
-    #[cfg(target_arch = "x86_64")]
-    for &nr in DENIED
-        .iter()
-        .chain(DENIED_ARCH)
-        .chain([&libc::SYS_clone, &libc::SYS_clone3])
-    {
-        deny.insert(nr | X32_BIT, Vec::new());
-    }
     let clone_rules = NAMESPACE_FLAGS
         .iter()
         .map(|&flag| {
@@ -194,8 +186,14 @@ fn refuse_x32() -> BpfProgram {
     const LD_W_ABS: u16 = 0x20;
     const JMP_JSET_K: u16 = 0x45;
     const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    const JMP_JEQ_K: u16 = 0x15;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
     let insn = |code, jt, jf, k| sock_filter { code, jt, jf, k };
     vec![
+        // Another architecture's calls go on to the next program's arch check (which
+        // kills), as if this one were installed on its own.
+        insn(LD_W_ABS, 0, 0, 4), // seccomp_data.arch
+        insn(JMP_JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
         insn(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
         insn(JMP_JSET_K, 0, 1, X32_BIT as u32),
         insn(BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
@@ -269,12 +267,6 @@ fn socket_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     map.insert(libc::SYS_socket, rules()?);
     // A pair is AF_UNIX only in practice; the same family rule refuses the rest.
     map.insert(libc::SYS_socketpair, rules()?);
-    #[cfg(target_arch = "x86_64")]
-    {
-        // x32 numbers would skip these rules: refuse them outright.
-        map.insert(libc::SYS_socket | X32_BIT, Vec::new());
-        map.insert(libc::SYS_socketpair | X32_BIT, Vec::new());
-    }
     Ok(map)
 }
 
@@ -385,11 +377,15 @@ mod tests {
             let errno_enosys = 0x0005_0000 | libc::ENOSYS as u32;
             assert_eq!(run(&chained, nr | 0x4000_0000, arch, [0; 6]), errno_enosys);
         }
-        // Another architecture's calls are refused as by the separate filters.
-        assert_eq!(
-            run(&chained, 1, 0x4000_0003, [0; 6]),
-            run_all(&separate, 1, 0x4000_0003, [0; 6])
-        );
+        // Another architecture's calls are refused as by the separate filters, whatever
+        // their number.
+        for nr in [1u32, 11, 0x4000_0001, 0x4000_0209] {
+            assert_eq!(
+                run(&chained, nr, 0x4000_0003, [0; 6]),
+                run_all(&separate, nr, 0x4000_0003, [0; 6]),
+                "foreign syscall {nr:#x}"
+            );
+        }
         assert!(checked > 10_000);
     }
 

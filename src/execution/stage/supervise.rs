@@ -139,11 +139,11 @@ pub(crate) async fn supervise(
     let (mut exit_code, mut signal) = decode_status(exit.status);
     if let Some(status) = ctx.status_pipe.and_then(read_reported_status) {
         (exit_code, signal) = decode_status(status);
-    } else if ctx.exit_code_encodes_signal {
-        if let Some(code) = exit_code.filter(|c| (129..=128 + 64).contains(c)) {
-            exit_code = None;
-            signal = Some(code - 128);
-        }
+    } else if ctx.exit_code_encodes_signal
+        && let Some(code) = exit_code.filter(|c| (129..=128 + 64).contains(c))
+    {
+        exit_code = None;
+        signal = Some(code - 128);
     }
     // The cgroup sees every process of the run; rusage only those reaped up the chain.
     let cpu_time = match (cpu_before, ctx.cgroup.and_then(MemoryCgroup::cpu_usage)) {

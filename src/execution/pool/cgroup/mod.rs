@@ -173,11 +173,10 @@ impl MemoryCgroup {
                 if let Err(e) = write_file(&tcp, &limit).or_else(|_| {
                     std::thread::sleep(std::time::Duration::from_millis(5));
                     write_file(&tcp, &limit)
-                }) {
-                    if tcp.exists() {
-                        tracing::warn!(cgroup = %self.dir.display(), error = %e,
+                }) && tcp.exists()
+                {
+                    tracing::warn!(cgroup = %self.dir.display(), error = %e,
                             "cannot set the socket memory limit");
-                    }
                 }
                 let _ = write_file(&self.dir.join("memory.max_usage_in_bytes"), "0");
             }

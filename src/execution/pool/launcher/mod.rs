@@ -321,14 +321,13 @@ impl Launcher {
                 cpu_us,
                 maxrss_kb,
             } = self.next_reply().await?
+                && pid == stage
             {
-                if pid == stage {
-                    return Ok(StageEnd {
-                        status,
-                        cpu_us,
-                        maxrss_kb,
-                    });
-                }
+                return Ok(StageEnd {
+                    status,
+                    cpu_us,
+                    maxrss_kb,
+                });
             }
         }
     }

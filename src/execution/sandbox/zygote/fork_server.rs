@@ -142,6 +142,9 @@ pub(crate) extern "C" fn mde_zygote_init(control_fd: c_int) -> c_int {
         Ok(f) => f,
         Err(_) => return -libc::EINVAL,
     };
+    if raw::shadow_stack_enabled() {
+        return -libc::ENOTSUP;
+    }
     let stack = match map_init_stack() {
         Ok(stack) => stack,
         Err(e) => return e,
@@ -300,11 +303,17 @@ pub(crate) extern "C" fn mde_zygote_clone() -> c_int {
         stack_top: stack.base as usize + stack.len,
         ..CloneRun::default()
     };
-    // SAFETY: `clone_run` takes the pointer, which points at `fork`'s first field.
-    let pid = unsafe { raw::fork_point(&mut fork.registers, clone_run) };
+    let shared = &raw mut fork;
+    // SAFETY: `clone_run` takes the pointer, which points at a `CloneRun` (its first field
+    // the registers), alive until the fork point returns.
+    let pid = unsafe { raw::fork_point(shared.cast(), clone_run) };
     if pid == 0 {
         // The run: its own copies of the zygote's state (the init never touched it).
-        raw::close(fork.pair[0]);
+        // SAFETY: the run's own copy of `fork`, and descriptors it holds.
+        unsafe {
+            restore_thread_state(&*shared);
+            raw::close(fork.pair[0]);
+        }
         // SAFETY: a descriptor the run holds, now its own.
         let theirs = unsafe { OwnedFd::from_raw_fd(fork.pair[1]) };
         with_state(|s| {
@@ -314,6 +323,12 @@ pub(crate) extern "C" fn mde_zygote_clone() -> c_int {
         });
         return 0;
     }
+    // A init without a pidfd could not be waited for, and the next would reuse its stack.
+    let pid = if pid > 0 && fork.pidfd < 0 {
+        -libc::EBADF
+    } else {
+        pid
+    };
     // The zygote keeps only its end of the `taken` pipe (the run's end is in `run_fds`).
     with_state(|s| {
         s.run_fds.clear();
@@ -321,7 +336,7 @@ pub(crate) extern "C" fn mde_zygote_clone() -> c_int {
             s.taken = None;
         } else {
             // SAFETY: the kernel made this descriptor for us.
-            s.init = (fork.pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fork.pidfd) });
+            s.init = Some(unsafe { OwnedFd::from_raw_fd(fork.pidfd) });
         }
     });
     pid
@@ -377,15 +392,19 @@ struct CloneRun {
     /// The init's and the run's ends of the pair the run passes its status pipe over.
     pair: [c_int; 2],
     pidfd: c_int,
+    /// The zygote's alternate signal stack: the kernel clears it in a `CLONE_VM` child.
+    altstack: Option<libc::stack_t>,
 }
 
 /// The zygote's half of `mde_zygote_clone`, inside the fork point: clone the init and
 /// wait until it has forked the run (or died). Returns the init's pid.
 unsafe extern "C" fn clone_run(registers: *mut raw::Registers) -> c_int {
-    // SAFETY: `registers` is the first field of a `CloneRun` (repr(C)).
-    let fork = unsafe { &mut *registers.cast::<CloneRun>() };
+    // Only raw-pointer accesses from here: the init reads and writes the same struct
+    // while this frame waits.
+    let fork = registers.cast::<CloneRun>();
     let all: u64 = !0;
-    // SAFETY: plain system calls on our own memory and descriptors.
+    // SAFETY: plain system calls on our own memory and descriptors; `fork` points at the
+    // caller's `CloneRun`.
     unsafe {
         // Nothing runs a handler of the interpreter's in the init (on its stack, in
         // this memory); the run sets the mask back before it resumes.
@@ -393,44 +412,94 @@ unsafe extern "C" fn clone_run(registers: *mut raw::Registers) -> c_int {
             libc::SYS_rt_sigprocmask,
             libc::SIG_SETMASK as usize,
             &all as *const u64 as usize,
-            &mut fork.mask as *mut u64 as usize,
+            &raw mut (*fork).mask as usize,
             8,
         );
-        let restore = |fork: &CloneRun| {
+        let restore = |fork: *const CloneRun| {
             raw::call(
                 libc::SYS_rt_sigprocmask,
                 libc::SIG_SETMASK as usize,
-                &fork.mask as *const u64 as usize,
+                &raw const (*fork).mask as usize,
                 0,
                 8,
             )
         };
-        if libc::pipe2(fork.sync.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+        let mut altstack: libc::stack_t = std::mem::zeroed();
+        if libc::sigaltstack(std::ptr::null(), &mut altstack) == 0
+            && altstack.ss_flags & libc::SS_DISABLE == 0
+        {
+            (*fork).altstack = Some(altstack);
+        }
+        if libc::pipe2((&raw mut (*fork).sync).cast(), libc::O_CLOEXEC) != 0 {
             let e = errno();
             restore(fork);
             return e;
         }
-        fork.pidfd = -1;
+        (*fork).pidfd = -1;
         let flags = libc::CLONE_VM | libc::CLONE_NEWPID | libc::CLONE_PIDFD | libc::SIGCHLD;
         let pid = libc::clone(
             init_main,
-            fork.stack_top as *mut libc::c_void,
+            (*fork).stack_top as *mut libc::c_void,
             flags,
-            (fork as *mut CloneRun).cast(),
-            &mut fork.pidfd as *mut c_int,
+            fork.cast(),
+            &raw mut (*fork).pidfd,
         );
-        let clone_error = errno();
-        libc::close(fork.sync[1]);
+        // From here the init may be running the C library in this memory: raw calls only
+        // until it has forked the run (or died trying: then the read ends).
+        let clone_error = if pid < 0 { errno() } else { 0 };
+        raw::close((*fork).sync[1]);
         if pid > 0 {
-            // Until the init has forked the run, or died trying (then the read ends).
             let mut byte = 0u8;
-            while libc::read(fork.sync[0], (&mut byte as *mut u8).cast(), 1) < 0
-                && *libc::__errno_location() == libc::EINTR
+            while raw::call(
+                libc::SYS_read,
+                (*fork).sync[0] as usize,
+                &raw mut byte as usize,
+                1,
+                0,
+            ) == -(libc::EINTR as isize)
             {}
         }
-        libc::close(fork.sync[0]);
+        raw::close((*fork).sync[0]);
         restore(fork);
         if pid < 0 { clone_error } else { pid }
+    }
+}
+
+/// In the run, first: what the kernel does not carry through the init's `CLONE_VM` clone
+/// (there, a thread's registration of its restartable-sequences area and its alternate
+/// signal stack are reset), set again for the zygote's thread the run continues.
+///
+/// # Safety
+/// Only in the run, before it returns to the interpreter.
+unsafe fn restore_thread_state(fork: &CloneRun) {
+    // The C library's rseq area of this thread, at the thread pointer plus its offset;
+    // a size of 0 means it registered none.
+    unsafe extern "C" {
+        static __rseq_offset: isize;
+        static __rseq_size: u32;
+    }
+    const RSEQ_SIG: u32 = 0x5305_3053;
+    // The kernel's own `struct rseq` size, the least a registration may give.
+    const RSEQ_AREA_LEN: u32 = 32;
+    // SAFETY: reading the C library's exported constants and our thread pointer; the
+    // area is this thread's, as the C library laid it out.
+    unsafe {
+        if let Some(altstack) = fork.altstack {
+            libc::sigaltstack(&altstack, std::ptr::null_mut());
+        }
+        let size = __rseq_size;
+        if size == 0 {
+            return;
+        }
+        let thread_pointer: usize;
+        core::arch::asm!("mov {}, fs:0", out(reg) thread_pointer, options(nostack, readonly));
+        let area = (thread_pointer as isize + __rseq_offset) as usize;
+        let len = size.max(RSEQ_AREA_LEN);
+        if raw::call(libc::SYS_rseq, area, len as usize, 0, RSEQ_SIG as usize) < 0 {
+            // Unregistered: have the C library ask the kernel instead (its cpu_id field
+            // at offset 4 set to "registration failed").
+            ((area + 4) as *mut i32).write_volatile(-2);
+        }
     }
 }
 
@@ -438,48 +507,49 @@ unsafe extern "C" fn clone_run(registers: *mut raw::Registers) -> c_int {
 /// run's namespaces and mounts, fork the run (which resumes the zygote's frames), let
 /// the zygote go on, and supervise the run. Never returns.
 extern "C" fn init_main(arg: *mut libc::c_void) -> c_int {
-    // SAFETY: the zygote passed its `CloneRun`, alive while it waits on `sync`.
-    let fork = unsafe { &mut *arg.cast::<CloneRun>() };
-    raw::close(fork.sync[0]);
-    match run_init() {
-        Ok(pair) => fork.pair = pair,
-        Err(e) => {
-            eprintln!(
-                "mixed-docker-executor zygote: a run's set-up failed: errno {}",
-                -e
-            );
-            raw::exit_group(72);
+    // Raw-pointer accesses only: the zygote's frame holds the same struct.
+    let fork = arg.cast::<CloneRun>();
+    // SAFETY: the zygote passed its `CloneRun`, alive while it waits on `sync` (until the
+    // write below, after which only copies of its fields are used).
+    unsafe {
+        raw::close((*fork).sync[0]);
+        match run_init() {
+            Ok(pair) => (*fork).pair = pair,
+            Err(e) => {
+                eprintln!(
+                    "mixed-docker-executor zygote: a run's set-up failed: errno {}",
+                    -e
+                );
+                raw::exit_group(72);
+            }
         }
-    }
-    // SAFETY: the zygote is parked in a read, so this process is the memory's only user
-    // (the C library's locks are free); the child only resumes the zygote's frames.
-    match unsafe { libc::fork() } {
-        0 => {
-            raw::close(fork.sync[1]);
-            // SAFETY: set back the zygote's mask, then return 0 from its fork point in
-            // this fork of its memory.
-            unsafe {
+        // The zygote is parked in a read, so this process is the memory's only user (the
+        // C library's locks are free); the child only resumes the zygote's frames.
+        match libc::fork() {
+            0 => {
+                raw::close((*fork).sync[1]);
+                // Set back the zygote's mask, then return 0 from its fork point in this
+                // fork of its memory.
                 raw::call(
                     libc::SYS_rt_sigprocmask,
                     libc::SIG_SETMASK as usize,
-                    &fork.mask as *const u64 as usize,
+                    &raw const (*fork).mask as usize,
                     0,
                     8,
                 );
-                raw::resume(&fork.registers)
+                raw::resume(fork.cast())
             }
-        }
-        -1 => raw::exit_group(73),
-        run => {
-            let ours = fork.pair[0];
-            raw::close(fork.pair[1]);
-            let sync = fork.sync[1];
-            // From this write on, the zygote runs again in this memory: `fork` (its
-            // stack) is gone, and only raw system calls on this stack follow.
-            // SAFETY: one byte from a static to our end of the pipe.
-            unsafe { raw::call(libc::SYS_write, sync as usize, b"f".as_ptr() as usize, 1, 0) };
-            raw::close(sync);
-            supervise(run, ours)
+            -1 => raw::exit_group(73),
+            run => {
+                let ours = (*fork).pair[0];
+                raw::close((*fork).pair[1]);
+                let sync = (*fork).sync[1];
+                // From this write on, the zygote runs again in this memory: `fork` (on its
+                // stack) is gone, and only raw system calls on this stack follow.
+                raw::call(libc::SYS_write, sync as usize, b"f".as_ptr() as usize, 1, 0);
+                raw::close(sync);
+                supervise(run, ours)
+            }
         }
     }
 }
@@ -725,7 +795,8 @@ fn argv_memfd(argv: &[Vec<u8>]) -> Result<(OwnedFd, usize), c_int> {
 /// state (`errno`, its allocator, its locks) is the zygote's now.
 fn supervise(run: c_int, pair: c_int) -> ! {
     // The run passes the status pipe once it has taken a request; if it dies first, there
-    // is nothing to report (the zygote sees its `taken` pipe close and clones another).
+    // is nothing to report (the zygote sees this init exit with nothing on its `taken`
+    // pipe, and clones another).
     let Some(status_fd) = receive_status_fd(pair) else {
         raw::exit_group(0)
     };

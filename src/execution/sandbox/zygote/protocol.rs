@@ -31,6 +31,8 @@ pub(crate) const STATUS_LEN: usize = 4 + 8 + 8;
 pub(crate) const STARTED: &[u8; 1] = b"+";
 
 impl Status {
+    // Used by the fork server, which is built for x86_64 only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn encode(&self) -> [u8; STATUS_LEN] {
         let mut out = [0u8; STATUS_LEN];
         out[..4].copy_from_slice(&self.wait_status.to_le_bytes());
@@ -75,6 +77,7 @@ impl RunRequest {
 
     /// `None` for anything truncated or malformed (the daemon wrote it, so this only
     /// happens when the daemon died mid-write).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn decode(bytes: &[u8]) -> Option<RunRequest> {
         let mut r = Reader(bytes);
         let workdir_bytes = r.u64()?;

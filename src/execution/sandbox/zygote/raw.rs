@@ -48,9 +48,30 @@ pub(super) fn exit_group(code: c_int) -> ! {
     }
 }
 
-pub(super) fn close(fd: c_int) {
-    // SAFETY: closing a descriptor of this process.
+/// # Safety
+/// `fd` must be a descriptor nothing else owns any more.
+pub(super) unsafe fn close(fd: c_int) {
+    // SAFETY: the caller's.
     unsafe { call(libc::SYS_close, fd as usize, 0, 0, 0) };
+}
+
+/// Whether this thread runs with a user shadow stack: a run resumed through
+/// [`resume`] would then return on a shadow stack that is the init's, and fault.
+pub(super) fn shadow_stack_enabled() -> bool {
+    const ARCH_SHSTK_STATUS: usize = 0x5005;
+    const ARCH_SHSTK_SHSTK: u64 = 1;
+    let mut features: u64 = 0;
+    // SAFETY: the kernel writes one u64 to `features` (or fails, on kernels without it).
+    let r = unsafe {
+        call(
+            libc::SYS_arch_prctl,
+            ARCH_SHSTK_STATUS,
+            &raw mut features as usize,
+            0,
+            0,
+        )
+    };
+    r == 0 && features & ARCH_SHSTK_SHSTK != 0
 }
 
 /// The callee-saved registers, stack and return address of a [`fork_point`] call, and
