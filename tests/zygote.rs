@@ -138,23 +138,26 @@ async fn a_run_cannot_reach_its_zygote_and_killing_all_it_sees_ends_only_itself(
                     if os.fork() == 0:\n    os.setsid()\n    os.execv('/usr/bin/sleep', ['sleep', '60'])\n\
                     os.kill(-1, signal.SIGKILL)\n\
                     print('still here', os.waitpid(-1, 0)[1], flush=True)";
-        let restarts_before: u64 = restarts(&t, "died").await;
-        let before = zygote_starts(&t).await;
-        let r = run(&t, code).await;
-        assert_eq!(r["status"], "ok", "{r}");
-        assert_eq!(
-            r["stdout"],
-            "ptrace -1 1\nunshare -1 -1\ncaps ['0000000000000000', '0000000000000000', '0000000000000000', '0000000000000000']\nprocs [1, 2]\nstill here 9\n",
-            "{r}"
-        );
-        // The zygote was not touched: the next run is forked from the same one.
-        let again = run(&t, "print('next')").await;
-        assert_eq!(again["stdout"], "next\n");
-        assert_eq!(zygote_starts(&t).await, before + 2);
-        assert_eq!(restarts(&t, "died").await, restarts_before);
-        assert_eq!(restarts(&t, "run_killed").await, 0);
+        let expected = "ptrace -1 1\nunshare -1 -1\ncaps ['0000000000000000', '0000000000000000', '0000000000000000', '0000000000000000']\nprocs [1, 2]\nstill here 9\n";
+        run_leaving_the_zygote_untouched(&t, code, expected).await;
     })
     .await;
+}
+
+/// Run `code` (an attack), expect `stdout`, then check that the zygote was not touched:
+/// the next run is forked from the same one, as pid 2 of its init, and no zygote died or
+/// was stopped.
+async fn run_leaving_the_zygote_untouched(t: &TestApp, code: &str, stdout: &str) {
+    let died = restarts(t, "died").await;
+    let before = zygote_starts(t).await;
+    let r = run(t, code).await;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["stdout"], stdout, "{r}");
+    let again = run(t, "import os\nprint(os.getpid(), os.getppid())").await;
+    assert_eq!(again["stdout"], "2 1\n", "{again}");
+    assert_eq!(zygote_starts(t).await, before + 2);
+    assert_eq!(restarts(t, "died").await, died);
+    assert_eq!(restarts(t, "run_killed").await, 0);
 }
 
 /// A run's pid 1 (its init) runs in its zygote's memory: the run can read none of it,
@@ -178,20 +181,10 @@ async fn a_run_cannot_read_or_stop_its_init_which_shares_the_zygotes_memory() {
                     for sig in (signal.SIGSTOP, signal.SIGSEGV, signal.SIGTERM, signal.SIGKILL):\n    \
                         os.kill(1, sig)\n\
                     print('init', open('/proc/1/stat').read().split()[2])";
-        let before = zygote_starts(&t).await;
-        let r = run(&t, code).await;
-        assert_eq!(r["status"], "ok", "{r}");
         // EACCES for every file that needs ptrace access, EPERM from the seccomp filter.
-        assert_eq!(
-            r["stdout"],
-            "mem 13\nmaps 13\nenviron 13\nexe 13\nstack 13\nsyscall 13\nvm_readv -1 1\ninit S\n",
-            "{r}"
-        );
-        // The zygote and the init it cloned for the next run were not touched.
-        let again = run(&t, "import os\nprint(os.getpid(), os.getppid())").await;
-        assert_eq!(again["stdout"], "2 1\n", "{again}");
-        assert_eq!(zygote_starts(&t).await, before + 2);
-        assert_eq!(restarts(&t, "died").await, 0);
+        let expected =
+            "mem 13\nmaps 13\nenviron 13\nexe 13\nstack 13\nsyscall 13\nvm_readv -1 1\ninit S\n";
+        run_leaving_the_zygote_untouched(&t, code, expected).await;
     })
     .await;
 }
@@ -209,14 +202,7 @@ async fn a_run_signalling_its_process_group_reaches_only_itself() {
                         os.kill(0, sig)\n\
                     time.sleep(0.3)\n\
                     print('still here', flush=True)";
-        let before = zygote_starts(&t).await;
-        let r = run(&t, code).await;
-        assert_eq!(r["status"], "ok", "{r}");
-        assert_eq!(r["stdout"], "1 1\nstill here\n", "{r}");
-        let again = run(&t, "print('next')").await;
-        assert_eq!(again["stdout"], "next\n", "{again}");
-        assert_eq!(zygote_starts(&t).await, before + 2);
-        assert_eq!(restarts(&t, "died").await, 0);
+        run_leaving_the_zygote_untouched(&t, code, "1 1\nstill here\n").await;
     })
     .await;
 }
