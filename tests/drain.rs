@@ -10,7 +10,7 @@ mod common;
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
-use common::{bounded, command, free_port};
+use common::{bounded, command, free_port, wait_until_serving};
 use serde_json::{Value, json};
 
 /// A daemon led by its own process group (so the group signal misses the test).
@@ -32,19 +32,8 @@ impl GroupDaemon {
             child,
             base: format!("http://127.0.0.1:{port}"),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = reqwest::get(format!("{}/ready", daemon.base)).await
-                && r.status().is_success()
-            {
-                return daemon;
-            }
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("daemon exited early with {status}");
-            }
-            assert!(Instant::now() < deadline, "daemon did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until_serving(&mut daemon.child, &daemon.base, "/ready").await;
+        daemon
     }
 
     /// Send `signal` to every process of the daemon's process group.

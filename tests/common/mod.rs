@@ -247,17 +247,27 @@ pub async fn start_with_args(args: &[&str], extra_env: &[(&str, &str)]) -> Daemo
     let child = cmd.spawn().expect("the binary starts");
     let base = format!("http://127.0.0.1:{port}");
     let mut daemon = Daemon { child, base, port };
+    wait_until_serving(&mut daemon.child, &daemon.base, "/health").await;
+    daemon
+}
+
+/// Wait (30 s at most) until the daemon `child` answers `path` under `base` with a
+/// success; panics if it exits first.
+pub async fn wait_until_serving(child: &mut Child, base: &str, path: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(resp) = reqwest::get(format!("{}/health", daemon.base)).await
+        if let Ok(resp) = reqwest::get(format!("{base}{path}")).await
             && resp.status().is_success()
         {
-            return daemon;
+            return;
         }
-        if let Ok(Some(status)) = daemon.child.try_wait() {
+        if let Ok(Some(status)) = child.try_wait() {
             panic!("daemon exited early with {status}");
         }
-        assert!(Instant::now() < deadline, "daemon did not come up");
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not come up on {path}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

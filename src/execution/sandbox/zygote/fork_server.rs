@@ -804,7 +804,7 @@ fn supervise(run: c_int, pair: c_int) -> ! {
     unsafe {
         // No handler of the interpreter's: as pid 1 it then drops every signal the run
         // sends it. (Every signal stays blocked, as the zygote cloned us: waiting for
-        // children needs none.)
+        // children needs none.) As `child::reset_signals`, which may set errno.
         let default = [0u64; 4];
         for sig in 1..=64usize {
             raw::call(libc::SYS_rt_sigaction, sig, default.as_ptr() as usize, 0, 8);
